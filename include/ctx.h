@@ -1,0 +1,279 @@
+/*
+ * ctx — Go's context package for C, where every context is a file descriptor.
+ *
+ * A context is a node in a tree rooted at ctx_background() or ctx_todo().
+ * It is *done* when, first of: it is cancelled, its effective deadline passes,
+ * or its parent becomes done (except below ctx_without_cancel()).  Once done it
+ * stays done, and its err and cause never change again.
+ *
+ * ctx_fd() gives a file descriptor that polls readable (POLLIN / EPOLLIN)
+ * exactly when the context is done, so a context can sit in a poll set, an
+ * epoll set or an io_uring next to the fds a program already waits on.
+ *
+ * Conventions
+ *   - Constructors return a new reference, or NULL with errno set.
+ *   - Functions that wrap a system call mirror it: -1 with errno set.
+ *   - Every other int-returning function returns 0 or a positive errno value,
+ *     as pthreads do.
+ *   - Durations are int64_t nanoseconds (see CTX_SEC and friends); deadlines
+ *     are absolute struct timespec values on CLOCK_MONOTONIC.
+ *   - Every function may be called on any context from any thread at once, as
+ *     long as the caller holds a reference to that context.
+ *   - NULL where a context or key is required gives EINVAL, never a crash.
+ */
+#ifndef CTX_H
+#define CTX_H
+
+#include <errno.h>
+#include <poll.h>
+#include <stdbool.h>
+#include <stdint.h>
+#include <sys/socket.h>
+#include <sys/types.h>
+#include <time.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* An opaque, reference-counted context. */
+typedef struct ctx ctx_t;
+
+/* Durations, in nanoseconds: ctx_with_timeout(parent, 250 * CTX_MSEC). */
+#define CTX_NSEC ((int64_t)1)
+#define CTX_USEC ((int64_t)1000)
+#define CTX_MSEC ((int64_t)1000000)
+#define CTX_SEC ((int64_t)1000000000)
+
+/* ------------------------------------------------------------------------ */
+/* Roots                                                                     */
+
+/* The root of every request tree: never done, no deadline, no values.
+ * A static object: ctx_ref() and ctx_unref() on it do nothing. */
+ctx_t *ctx_background(void);
+
+/* Like ctx_background(), for code that has not decided which context to
+ * use yet; it is a distinct object so that such places can be found. */
+ctx_t *ctx_todo(void);
+
+/* ------------------------------------------------------------------------ */
+/* Derived contexts.  Each returns a new reference that holds a reference to
+ * its parent, or NULL with errno EINVAL (parent NULL, bad argument) or ENOMEM.
+ * None of them opens a file descriptor. */
+
+/* A child that is done when ctx_cancel() is called on it or when its parent
+ * is done.  A child of a parent that is already done is born done, with the
+ * parent's err and cause. */
+ctx_t *ctx_with_cancel(ctx_t *parent);
+
+/* A cancellable child that is also done, with err ETIMEDOUT, at the absolute
+ * CLOCK_MONOTONIC instant `deadline`.  If the parent's effective deadline is
+ * earlier or equal, the parent's applies, with its cause.  A deadline already
+ * past gives a child that is born done.  tv_nsec outside [0, 1e9) is EINVAL. */
+ctx_t *ctx_with_deadline(ctx_t *parent, struct timespec deadline);
+
+/* As ctx_with_deadline(); when the deadline (this one, not an ancestor's)
+ * makes the child done, its cause is `cause` (0 means ETIMEDOUT). */
+ctx_t *ctx_with_deadline_cause(ctx_t *parent, struct timespec deadline, int cause);
+
+/* ctx_with_deadline(parent, now + timeout_ns).  A timeout <= 0 gives a child
+ * that is born done; the sum saturates, and INT64_MAX means no deadline. */
+ctx_t *ctx_with_timeout(ctx_t *parent, int64_t timeout_ns);
+
+/* As ctx_with_timeout(), with ctx_with_deadline_cause()'s `cause`. */
+ctx_t *ctx_with_timeout_cause(ctx_t *parent, int64_t timeout_ns, int cause);
+
+/* A child that binds `key` to `value`.  Keys are compared by pointer identity
+ * (use the address of a static object of yours) and must not be NULL.
+ * `destroy(value)`, if not NULL, runs once, when this context is freed.  If
+ * the call fails, destroy is not called: the value still belongs to the
+ * caller.  The child is done exactly when its parent is; it is not
+ * cancellable itself. */
+ctx_t *ctx_with_value(ctx_t *parent, const void *key, void *value, void (*destroy)(void *));
+
+/* A child that keeps the parent's values but is never done and has no
+ * deadline, whatever happens to the parent: for work that must outlive the
+ * request that started it.  It is not cancellable itself; derive a
+ * ctx_with_cancel() from it for that. */
+ctx_t *ctx_without_cancel(ctx_t *parent);
+
+/* ------------------------------------------------------------------------ */
+/* Cancellation */
+
+/* ctx_cancel_cause(ctx, ECANCELED). */
+int ctx_cancel(ctx_t *ctx);
+
+/* Makes `ctx` and all its descendants done, with err ECANCELED and cause
+ * `cause` (0 means ECANCELED).  Before it returns, the fd of `ctx` and of every
+ * descendant that has one is readable.  Returns 0 if this call made `ctx`
+ * done, EALREADY if it was already done (nothing changes: the first cause
+ * wins), EINVAL if `ctx` is NULL or not cancellable (background, todo, value
+ * and without-cancel contexts).  Contexts made by ctx_with_cancel(),
+ * ctx_with_deadline() and ctx_with_timeout() (and their _cause forms) are
+ * cancellable. */
+int ctx_cancel_cause(ctx_t *ctx, int cause);
+
+/* ------------------------------------------------------------------------ */
+/* State */
+
+/* 0 while `ctx` is not done; ECANCELED if it was done by cancellation;
+ * ETIMEDOUT if by a deadline.  A context done because an ancestor was done
+ * reports the ancestor's err.  Exact at the deadline: no thread has to run
+ * for a passed deadline to show.  EINVAL for NULL. */
+int ctx_err(ctx_t *ctx);
+
+/* 0 while not done; otherwise the cause it was done with (the first one
+ * wins), which defaults to its err.  EINVAL for NULL. */
+int ctx_cause(ctx_t *ctx);
+
+/* If `ctx` has an effective deadline (the earliest of its own and its
+ * ancestors', up to a ctx_without_cancel()), stores it in *out (when out is
+ * not NULL) and returns true.  Otherwise returns false (and sets errno to
+ * EINVAL when ctx is NULL). */
+bool ctx_deadline(ctx_t *ctx, struct timespec *out);
+
+/* The value bound to `key` by the nearest ctx_with_value() on the path from
+ * `ctx` to its root, or NULL (errno EINVAL when ctx or key is NULL).  The
+ * pointer is valid while the caller holds its reference to `ctx`. */
+void *ctx_value(ctx_t *ctx, const void *key);
+
+/* ------------------------------------------------------------------------ */
+/* The file descriptor */
+
+/* A file descriptor that polls readable exactly when `ctx` is done, and then
+ * stays readable.  Rules:
+ *   - The context owns it: never read, write or close it.  It is valid until
+ *     the last reference to `ctx` is dropped; dup() it to keep it longer.
+ *   - It is close-on-exec and non-blocking; repeated calls return the same fd.
+ *   - A passed deadline makes it readable through a kernel timer (timerfd):
+ *     no thread and no call into the library is needed.
+ *   - Contexts that can never be done (background, todo, without-cancel with
+ *     no deadline) all share one process-wide fd that never becomes readable.
+ *   - Value contexts return their parent's fd.
+ * The fd is created by the first call, not by the constructor.  On failure it
+ * returns -1 with errno EMFILE, ENFILE or ENOMEM (or EINVAL for NULL); the
+ * failure is not remembered, and the context stays usable without an fd. */
+int ctx_fd(ctx_t *ctx);
+
+/* ------------------------------------------------------------------------ */
+/* References */
+
+/* Takes another reference to `ctx` and returns it (NULL with EINVAL for
+ * NULL).  A no-op on the roots. */
+ctx_t *ctx_ref(ctx_t *ctx);
+
+/* Drops a reference; NULL is ignored.  The last one detaches the context from
+ * its parent, closes its fd, runs its value's destroy function and drops its
+ * reference to the parent.  Dropping the last reference does not cancel the
+ * context's children: they hold references of their own. */
+void ctx_unref(ctx_t *ctx);
+
+/* ctx_cancel() (if `ctx` is cancellable) then ctx_unref(): the C spelling of
+ * Go's `defer cancel()`.  NULL is ignored. */
+void ctx_release(ctx_t *ctx);
+
+/* Releases a context when the variable goes out of scope:
+ *     CTX_AUTO ctx_t *req = ctx_with_timeout(parent, 2 * CTX_SEC);
+ * runs ctx_release(req) at the end of the block. */
+#define CTX_AUTO __attribute__((cleanup(ctx_autorelease_)))
+
+/* Implementation detail of CTX_AUTO. */
+static inline void ctx_autorelease_(ctx_t **pctx)
+{
+	ctx_release(*pctx);
+}
+
+/* ------------------------------------------------------------------------ */
+/* After-functions */
+
+/* A registration made by ctx_after_func(); see ctx_after_stop(). */
+typedef struct ctx_after ctx_after_t;
+
+/* Arranges for fn(arg) to run once, on a thread owned by the library, after
+ * `ctx` is done (soon, if it already is) — including at a deadline that
+ * nobody is watching.  fn never runs inside the caller of ctx_cancel() and
+ * never under a library lock, so it may call any ctx function.  The
+ * registration holds its own reference to `ctx` until fn has run or the
+ * registration is stopped.  The library thread starts on the first
+ * registration, so a program that never registers one has no library
+ * thread; after fork() the child starts its own on demand.
+ * With `stop` NULL the registration is fire-and-forget; otherwise *stop
+ * receives a handle that must be passed exactly once to ctx_after_stop() or
+ * ctx_after_stop_wait().  On a context that can never be done it returns 0
+ * and fn never runs (the handle still needs stopping).
+ * Returns 0, EINVAL (ctx or fn NULL), ENOMEM, or EAGAIN (no thread). */
+int ctx_after_func(ctx_t *ctx, void (*fn)(void *), void *arg, ctx_after_t **stop);
+
+/* Stops a registration and frees the handle.  Returns true if this call
+ * prevented fn from running; false if fn has already started or finished
+ * (it does not wait for a running fn: see ctx_after_stop_wait()).  May be
+ * called from inside fn itself. */
+bool ctx_after_stop(ctx_after_t *stop);
+
+/* As ctx_after_stop(), but if fn is running on the library thread, waits
+ * until it has returned, so that the caller may free what fn uses.  Called
+ * from inside fn itself it does not wait (that would never end). */
+bool ctx_after_stop_wait(ctx_after_t *stop);
+
+/* ------------------------------------------------------------------------ */
+/* Waiting and cancellable I/O
+ *
+ * Each call below waits on the context's fd next to the caller's, so a
+ * context that becomes done ends the wait at once.  A context that is
+ * already done fails at once without touching the caller's fd.  EINTR is
+ * retried.  The I/O calls work on blocking and non-blocking fds alike.
+ *
+ * Partial transfers: a call returns as soon as some data moved, so a short
+ * count is normal; the bytes it reports were transferred even if the
+ * context became done meanwhile.  Data moved by an earlier call is never
+ * taken back by a later failure.
+ *
+ * Blocking fds shared between threads: the library waits for readiness,
+ * then makes the call; if another thread consumes the readiness first, a
+ * read/accept on a *blocking* fd would block in the kernel where the
+ * context cannot reach it.  The library avoids that where Linux allows
+ * (MSG_DONTWAIT for sockets, RWF_NOWAIT for reads); otherwise, share only
+ * non-blocking fds between threads.
+ *
+ * If the process is out of fds, ctx_wait() and ctx_sleep() still work
+ * (they fall back to a futex); the I/O calls fail with the ctx_fd() error.
+ */
+
+/* Blocks until `ctx` is done; returns its err (ECANCELED or ETIMEDOUT), or
+ * EINVAL for NULL.  On a context that can never be done it blocks forever. */
+int ctx_wait(ctx_t *ctx);
+
+/* Sleeps for `ns` nanoseconds unless `ctx` is done first.  Returns 0 when
+ * the time has elapsed, the context's err if it became done first, EINVAL
+ * for NULL.  ns <= 0 returns at once (the err if already done, else 0). */
+int ctx_sleep(ctx_t *ctx, int64_t ns);
+
+/* poll(2) that also ends when `ctx` is done.  Returns the number of ready
+ * entries, 0 when timeout_ms (-1: none) elapses first, or -1 with errno
+ * ECANCELED / ETIMEDOUT (the context's err) when the context is done before
+ * any entry is ready, or poll's own errno.  The context is checked first:
+ * if it is already done, the fds are not polled. */
+int ctx_poll(ctx_t *ctx, struct pollfd *fds, nfds_t nfds, int timeout_ms);
+
+/* read(2), write(2), recv(2) and send(2) that block until they can proceed
+ * or `ctx` is done (-1, errno ECANCELED / ETIMEDOUT). */
+ssize_t ctx_read(ctx_t *ctx, int fd, void *buf, size_t len);
+ssize_t ctx_write(ctx_t *ctx, int fd, const void *buf, size_t len);
+ssize_t ctx_recv(ctx_t *ctx, int fd, void *buf, size_t len, int flags);
+ssize_t ctx_send(ctx_t *ctx, int fd, const void *buf, size_t len, int flags);
+
+/* accept4(2) (flags: SOCK_NONBLOCK, SOCK_CLOEXEC) that blocks until a
+ * connection arrives or `ctx` is done. */
+int ctx_accept(ctx_t *ctx, int fd, struct sockaddr *addr, socklen_t *addrlen, int flags);
+
+/* connect(2) that ends when the connection completes, fails, or `ctx` is
+ * done (its deadline included).  On a blocking socket the library makes it
+ * non-blocking for the duration of the call and restores its flags.  After
+ * a cancelled connect the socket is in an unspecified state: close it. */
+int ctx_connect(ctx_t *ctx, int fd, const struct sockaddr *addr, socklen_t addrlen);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* CTX_H */

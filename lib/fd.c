@@ -1,0 +1,140 @@
+/*
+ * The fd mechanics: lazy creation, signalling on cancel, the shared
+ * never-readable fd.
+ *
+ * A context with no effective deadline gets an eventfd; one with a deadline
+ * gets a timerfd armed (absolute, CLOCK_MONOTONIC) at that deadline, so the
+ * kernel makes it readable with no thread of ours.  A context that is already
+ * done when its fd is created gets an eventfd created readable (initial
+ * count 1): no timer, no extra write.
+ *
+ * Once a context is done its fd is never touched again except to make it more
+ * readable: re-arming or reading a timerfd would clear its readiness for
+ * every watcher.
+ */
+#include "internal.h"
+
+#include <poll.h>
+#include <sys/eventfd.h>
+#include <sys/ioctl.h>
+#include <sys/timerfd.h>
+
+#ifndef TFD_IOC_SET_TICKS
+#define TFD_IOC_SET_TICKS _IOW('T', 0, uint64_t)
+#endif
+
+/* TFD_IOC_SET_TICKS needs CONFIG_CHECKPOINT_RESTORE; 0 once it failed. */
+static _Atomic int ticks_work = 1;
+
+static void fire_timerfd(int fd)
+{
+	if (atomic_load_explicit(&ticks_work, memory_order_relaxed)) {
+		uint64_t one = 1;
+		if (ioctl(fd, TFD_IOC_SET_TICKS, &one) == 0)
+			return;
+		if (errno != ENOTTY && errno != EINVAL)
+			return;
+		atomic_store_explicit(&ticks_work, 0, memory_order_relaxed);
+	}
+	/* Fallback: re-arm to an instant in the past ({0,0} would disarm).
+	 * Re-arming an expired timer clears its readiness for a moment, so
+	 * leave it alone if the deadline already fired it. */
+	struct pollfd p = {.fd = fd, .events = POLLIN};
+	if (poll(&p, 1, 0) == 1)
+		return;
+	struct itimerspec past = {.it_value = {.tv_sec = 0, .tv_nsec = 1}};
+	timerfd_settime(fd, TFD_TIMER_ABSTIME, &past, NULL);
+}
+
+void ctxi_fd_signal(struct ctxi_cancel *c)
+{
+	int fd = atomic_load_explicit(&c->fd, memory_order_relaxed);
+	if (fd < 0)
+		return;
+	if (c->base.flags & CTXI_FD_TIMER) {
+		fire_timerfd(fd);
+	} else {
+		uint64_t one = 1;
+		ssize_t r = write(fd, &one, sizeof(one));
+		(void)r; /* an eventfd counter cannot overflow from these writes */
+	}
+}
+
+void ctxi_fd_close(struct ctxi_cancel *c)
+{
+	int fd = atomic_load_explicit(&c->fd, memory_order_relaxed);
+	if (fd >= 0)
+		close(fd);
+}
+
+/* One eventfd, never written and never closed, for every context that can
+ * never be done. */
+static int never_fd(void)
+{
+	static _Atomic int never = -1;
+	int fd = atomic_load_explicit(&never, memory_order_acquire);
+	if (fd >= 0)
+		return fd;
+	int mine = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+	if (mine < 0)
+		return -1;
+	if (atomic_compare_exchange_strong_explicit(&never, &fd, mine, memory_order_acq_rel,
+						    memory_order_acquire))
+		return mine;
+	close(mine); /* another thread won */
+	return fd;
+}
+
+/* Creates c's fd under c's lock.  The state is read under the lock, so a
+ * concurrent ctx_cancel() either is seen here (the fd is born readable) or
+ * sees the published fd when it takes the lock to signal it. */
+static int create_fd(struct ctxi_cancel *c)
+{
+	int fd;
+	uint8_t flags = 0;
+	if (ctxi_state(c)) {
+		fd = eventfd(1, EFD_CLOEXEC | EFD_NONBLOCK);
+	} else if (c->base.kind == CTXI_TIMED) {
+		fd = timerfd_create(CLOCK_MONOTONIC, TFD_CLOEXEC | TFD_NONBLOCK);
+		if (fd >= 0) {
+			struct itimerspec at = {
+				.it_value = ctxi_ts(((struct ctxi_timed *)c)->deadline)};
+			if (timerfd_settime(fd, TFD_TIMER_ABSTIME, &at, NULL) < 0) {
+				int e = errno;
+				close(fd);
+				errno = e;
+				return -1;
+			}
+			flags = CTXI_FD_TIMER;
+		}
+	} else {
+		fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+	}
+	if (fd >= 0) {
+		c->base.flags |= flags;
+		atomic_store_explicit(&c->fd, fd, memory_order_release);
+	}
+	return fd;
+}
+
+int ctx_fd(ctx_t *ctx)
+{
+	if (!ctx) {
+		errno = EINVAL;
+		return -1;
+	}
+	struct ctxi_cancel *c = ctxi_anchor(ctx);
+	if (!c)
+		return never_fd();
+	int fd = atomic_load_explicit(&c->fd, memory_order_acquire);
+	if (fd >= 0)
+		return fd;
+	ctxi_lock(&c->lock);
+	fd = atomic_load_explicit(&c->fd, memory_order_relaxed);
+	if (fd < 0)
+		fd = create_fd(c);
+	int e = errno;
+	ctxi_unlock(&c->lock);
+	errno = e;
+	return fd;
+}

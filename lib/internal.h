@@ -1,0 +1,198 @@
+/*
+ * The one private header of ctx: object layout, the lock, the state word.
+ *
+ * Internal symbols are named ctxi_* so that the version script (lib/ctx.map),
+ * which exports ctx_* only, can never leak one.
+ *
+ * Locking.  Every cancellable node has one small futex lock (ctxi_lock).  It
+ * guards that node's children list, the list links (next, pprev) of the
+ * children registered with it, and the creation of its fd.  No code path ever
+ * holds two of these locks at once, so there is no lock order to respect: the
+ * cancel cascade takes one node's lock at a time (see lib/tree.c).
+ */
+#ifndef CTX_INTERNAL_H
+#define CTX_INTERNAL_H
+
+#include "ctx.h"
+
+#include <linux/futex.h>
+#include <stdatomic.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+enum ctxi_kind {
+	CTXI_ROOT,    /* background, todo: static, never done */
+	CTXI_WITHOUT, /* ctx_without_cancel: never done, values pass through */
+	CTXI_VALUE,   /* ctx_with_value: done exactly when its parent is */
+	CTXI_CANCEL,  /* cancellable, no effective deadline: struct ctxi_cancel */
+	CTXI_TIMED,   /* cancellable, with an effective deadline: struct ctxi_timed */
+};
+
+/* Flags, in ctx.flags; written under the node's lock. */
+#define CTXI_FD_TIMER 0x1 /* the fd is a timerfd (else an eventfd) */
+
+struct ctx {
+	_Atomic uint32_t refs; /* unused on CTXI_ROOT */
+	uint8_t kind;
+	uint8_t flags;
+	ctx_t *parent; /* holds a reference; NULL on roots */
+};
+
+/*
+ * A cancellable node.  Kept at 56 bytes so that malloc serves it from a
+ * 64-byte chunk.  A node registers with its nearest cancellable ancestor (its
+ * "anchor", found by walking up through value nodes; none above a
+ * without-cancel node) by sitting in the anchor's children list.
+ */
+struct ctxi_cancel {
+	struct ctx base;
+	/* err << 32 | (uint32_t)cause; 0 while not done.  Set once, by CAS. */
+	_Atomic uint64_t state;
+	_Atomic int fd;  /* -1 until ctx_fd() creates it */
+	_Atomic uint32_t lock;
+	struct ctxi_cancel *children;
+	/* Links in the anchor's list, under the anchor's lock.  pprev == NULL
+	 * means "not in any list".  While a cancel cascade holds a node on its
+	 * private work list, `next` links that list instead. */
+	struct ctxi_cancel *next;
+	struct ctxi_cancel **pprev;
+};
+
+/* A cancellable node with an effective deadline (its own or inherited).
+ * 72 bytes: an 80-byte malloc chunk. */
+struct ctxi_timed {
+	struct ctxi_cancel c;
+	int64_t deadline; /* CLOCK_MONOTONIC ns; immutable */
+	int dcause;       /* cause reported when the deadline makes it done */
+};
+
+/* 40 bytes: a 48-byte malloc chunk. */
+struct ctxi_value {
+	struct ctx base;
+	const void *key;
+	void *value;
+	void (*destroy)(void *);
+};
+
+#define CTXI_NEVER INT64_MAX
+
+static inline uint64_t ctxi_mkstate(int err, int cause)
+{
+	return (uint64_t)(uint32_t)err << 32 | (uint32_t)cause;
+}
+static inline int ctxi_state_err(uint64_t s) { return (int)(uint32_t)(s >> 32); }
+static inline int ctxi_state_cause(uint64_t s) { return (int)(uint32_t)s; }
+
+static inline bool ctxi_cancellable(const ctx_t *c)
+{
+	return c->kind == CTXI_CANCEL || c->kind == CTXI_TIMED;
+}
+
+static inline int64_t ctxi_now(void)
+{
+	struct timespec ts;
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (int64_t)ts.tv_sec * CTX_SEC + ts.tv_nsec;
+}
+
+static inline struct timespec ctxi_ts(int64_t ns)
+{
+	struct timespec ts = {.tv_sec = ns / CTX_SEC, .tv_nsec = ns % CTX_SEC};
+	return ts;
+}
+
+/*
+ * The state of a cancellable node, latching ETIMEDOUT if its deadline has
+ * passed.  Latching by CAS makes err final: whoever first observes the node
+ * done (a canceller or a reader past the deadline) fixes err and cause.
+ */
+static inline uint64_t ctxi_state(struct ctxi_cancel *c)
+{
+	uint64_t s = atomic_load_explicit(&c->state, memory_order_acquire);
+	if (s || c->base.kind != CTXI_TIMED)
+		return s;
+	const struct ctxi_timed *t = (const struct ctxi_timed *)c;
+	if (ctxi_now() < t->deadline)
+		return 0;
+	uint64_t want = ctxi_mkstate(ETIMEDOUT, t->dcause);
+	if (atomic_compare_exchange_strong_explicit(&c->state, &s, want, memory_order_acq_rel,
+						    memory_order_acquire))
+		return want;
+	return s;
+}
+
+/* The cancellable node that decides whether `c` is done, or NULL if `c` can
+ * never be done.  Value nodes are transparent. */
+static inline struct ctxi_cancel *ctxi_anchor(ctx_t *c)
+{
+	while (c->kind == CTXI_VALUE)
+		c = c->parent;
+	return ctxi_cancellable(c) ? (struct ctxi_cancel *)c : NULL;
+}
+
+static inline void ctxi_cpu_relax(void)
+{
+#if defined(__x86_64__) || defined(__i386__)
+	__builtin_ia32_pause();
+#elif defined(__aarch64__)
+	__asm__ __volatile__("yield");
+#endif
+}
+
+/* A 3-state futex mutex (0 free, 1 locked, 2 locked with waiters): 4 bytes
+ * instead of pthread_mutex_t's 40, which keeps a node in a 64-byte chunk. */
+static inline void ctxi_futex(_Atomic uint32_t *addr, int op, uint32_t val)
+{
+	syscall(SYS_futex, addr, op | FUTEX_PRIVATE_FLAG, val, NULL, NULL, 0);
+}
+
+static inline void ctxi_lock(_Atomic uint32_t *l)
+{
+	uint32_t c = 0;
+	if (atomic_compare_exchange_strong_explicit(l, &c, 1, memory_order_acquire,
+						    memory_order_relaxed))
+		return;
+	for (int spin = 0; spin < 100 && c != 0; spin++) {
+		ctxi_cpu_relax();
+		c = atomic_load_explicit(l, memory_order_relaxed);
+		if (c == 0 && atomic_compare_exchange_weak_explicit(
+				      l, &c, 1, memory_order_acquire, memory_order_relaxed))
+			return;
+	}
+	if (c != 2)
+		c = atomic_exchange_explicit(l, 2, memory_order_acquire);
+	while (c != 0) {
+		ctxi_futex(l, FUTEX_WAIT, 2);
+		c = atomic_exchange_explicit(l, 2, memory_order_acquire);
+	}
+}
+
+static inline void ctxi_unlock(_Atomic uint32_t *l)
+{
+	if (atomic_exchange_explicit(l, 0, memory_order_release) != 1)
+		ctxi_futex(l, FUTEX_WAKE, 1);
+}
+
+/* Allocation, with a fault-injection hook for the tests: while
+ * ctxi_fail_allocs > 0, each allocation decrements it and fails. */
+extern _Atomic int ctxi_fail_allocs;
+
+static inline void *ctxi_alloc(size_t n)
+{
+	if (__builtin_expect(atomic_load_explicit(&ctxi_fail_allocs, memory_order_relaxed) > 0, 0)) {
+		if (atomic_fetch_sub(&ctxi_fail_allocs, 1) > 0) {
+			errno = ENOMEM;
+			return NULL;
+		}
+	}
+	return malloc(n);
+}
+
+/* lib/fd.c */
+void ctxi_fd_signal(struct ctxi_cancel *c); /* under c's lock, c done */
+void ctxi_fd_close(struct ctxi_cancel *c);  /* at free */
+
+#endif

@@ -1,0 +1,366 @@
+/*
+ * The context tree: constructors, cancellation and its cascade, state,
+ * values, reference counting.
+ */
+#include "internal.h"
+
+_Atomic int ctxi_fail_allocs;
+
+static struct ctx background = {.kind = CTXI_ROOT};
+static struct ctx todo = {.kind = CTXI_ROOT};
+
+ctx_t *ctx_background(void) { return &background; }
+ctx_t *ctx_todo(void) { return &todo; }
+
+ctx_t *ctx_ref(ctx_t *c)
+{
+	if (!c) {
+		errno = EINVAL;
+		return NULL;
+	}
+	if (c->kind != CTXI_ROOT)
+		atomic_fetch_add_explicit(&c->refs, 1, memory_order_relaxed);
+	return c;
+}
+
+/* A reference to a node whose count may already have reached zero (a node
+ * found in a children list while it is being freed): fails instead. */
+static bool ref_if_live(ctx_t *c)
+{
+	uint32_t r = atomic_load_explicit(&c->refs, memory_order_relaxed);
+	while (r)
+		if (atomic_compare_exchange_weak_explicit(&c->refs, &r, r + 1, memory_order_relaxed,
+							  memory_order_relaxed))
+			return true;
+	return false;
+}
+
+/* Removes `c` from its anchor's children list, if it is still there. */
+static void unlink_node(struct ctxi_cancel *c)
+{
+	struct ctxi_cancel *anchor = ctxi_anchor(c->base.parent);
+	if (!anchor)
+		return;
+	ctxi_lock(&anchor->lock);
+	if (c->pprev) {
+		*c->pprev = c->next;
+		if (c->next)
+			c->next->pprev = c->pprev;
+		c->pprev = NULL;
+		c->next = NULL;
+	}
+	ctxi_unlock(&anchor->lock);
+}
+
+static void free_chain(ctx_t *c)
+{
+	while (c) {
+		ctx_t *parent = c->parent;
+		switch (c->kind) {
+		case CTXI_VALUE: {
+			struct ctxi_value *v = (struct ctxi_value *)c;
+			if (v->destroy)
+				v->destroy(v->value);
+			break;
+		}
+		case CTXI_CANCEL:
+		case CTXI_TIMED:
+			unlink_node((struct ctxi_cancel *)c);
+			ctxi_fd_close((struct ctxi_cancel *)c);
+			break;
+		}
+		free(c);
+		/* Dropping the parent reference here, in a loop, rather than by
+		 * calling ctx_unref() keeps the stack flat for long chains. */
+		if (parent->kind == CTXI_ROOT ||
+		    atomic_fetch_sub_explicit(&parent->refs, 1, memory_order_acq_rel) != 1)
+			return;
+		c = parent;
+	}
+}
+
+void ctx_unref(ctx_t *c)
+{
+	if (!c || c->kind == CTXI_ROOT)
+		return;
+	if (atomic_fetch_sub_explicit(&c->refs, 1, memory_order_acq_rel) == 1)
+		free_chain(c);
+}
+
+/* ------------------------------------------------------------------------ */
+/* Cancellation */
+
+/*
+ * Makes `n` (already marked done with state `st`) signal its fd, and marks
+ * done every child registered with it, detaching them all.  Children that
+ * this call marked, and that are still alive, are pushed on *work with a
+ * reference taken.  A child whose count is already zero is being freed (it
+ * waits for our lock to unlink itself) and has no children of its own, since
+ * every child holds a reference to its parent: it is skipped.
+ */
+static void cancel_node(struct ctxi_cancel *n, uint64_t st, struct ctxi_cancel **work)
+{
+	ctxi_lock(&n->lock);
+	ctxi_fd_signal(n);
+	struct ctxi_cancel *ch = n->children;
+	n->children = NULL;
+	while (ch) {
+		struct ctxi_cancel *next = ch->next;
+		ch->pprev = NULL;
+		ch->next = NULL;
+		/* ctxi_state() first: a child whose own deadline has passed
+		 * unobserved was done by that deadline, not by this cancel.  Its
+		 * descendants' deadlines are no later, so they need no visit. */
+		uint64_t cur = ctxi_state(ch);
+		if (!cur &&
+		    atomic_compare_exchange_strong_explicit(&ch->state, &cur, st, memory_order_acq_rel,
+							    memory_order_acquire) &&
+		    ref_if_live(&ch->base)) {
+			ch->next = *work;
+			*work = ch;
+		}
+		ch = next;
+	}
+	ctxi_unlock(&n->lock);
+}
+
+/*
+ * The cascade holds one lock at a time and keeps its own work list instead of
+ * recursing, so a deep chain cannot overflow the stack and no two node locks
+ * are ever held together.  A context created under a node while the cascade
+ * runs either sees the node's state already done (it is born done) or is in
+ * the list when the cascade takes the node's lock.
+ */
+static void cascade(struct ctxi_cancel *root, uint64_t st)
+{
+	struct ctxi_cancel *work = NULL;
+	cancel_node(root, st, &work);
+	while (work) {
+		struct ctxi_cancel *n = work;
+		work = n->next;
+		n->next = NULL;
+		cancel_node(n, st, &work);
+		ctx_unref(&n->base);
+	}
+}
+
+int ctx_cancel_cause(ctx_t *c, int cause)
+{
+	if (!c || !ctxi_cancellable(c))
+		return EINVAL;
+	struct ctxi_cancel *n = (struct ctxi_cancel *)c;
+	uint64_t cur = ctxi_state(n); /* latches a passed deadline first */
+	if (cur)
+		return EALREADY;
+	uint64_t st = ctxi_mkstate(ECANCELED, cause ? cause : ECANCELED);
+	if (!atomic_compare_exchange_strong_explicit(&n->state, &cur, st, memory_order_acq_rel,
+						     memory_order_acquire))
+		return EALREADY;
+	cascade(n, st);
+	unlink_node(n); /* a cancelled child holds no memory in its parent */
+	return 0;
+}
+
+int ctx_cancel(ctx_t *c) { return ctx_cancel_cause(c, ECANCELED); }
+
+void ctx_release(ctx_t *c)
+{
+	if (!c)
+		return;
+	if (ctxi_cancellable(c))
+		ctx_cancel(c);
+	ctx_unref(c);
+}
+
+/* ------------------------------------------------------------------------ */
+/* Constructors */
+
+static bool valid_parent(ctx_t *parent)
+{
+	if (parent)
+		return true;
+	errno = EINVAL;
+	return false;
+}
+
+/* A cancellable child of `parent` with its own deadline `own` (CTXI_NEVER
+ * for none) and the cause that deadline reports. */
+static ctx_t *new_cancel(ctx_t *parent, int64_t own, int own_cause)
+{
+	if (!valid_parent(parent))
+		return NULL;
+	struct ctxi_cancel *anchor = ctxi_anchor(parent);
+	int64_t deadline = CTXI_NEVER;
+	int dcause = 0;
+	if (anchor && anchor->base.kind == CTXI_TIMED) {
+		const struct ctxi_timed *t = (const struct ctxi_timed *)anchor;
+		deadline = t->deadline;
+		dcause = t->dcause;
+	}
+	if (own < deadline) { /* an equal parent deadline keeps the parent's cause */
+		deadline = own;
+		dcause = own_cause ? own_cause : ETIMEDOUT;
+	}
+	bool timed = deadline != CTXI_NEVER;
+	struct ctxi_cancel *n = ctxi_alloc(timed ? sizeof(struct ctxi_timed) : sizeof(*n));
+	if (!n)
+		return NULL;
+	n->base = (struct ctx){.kind = timed ? CTXI_TIMED : CTXI_CANCEL, .parent = ctx_ref(parent)};
+	atomic_init(&n->base.refs, 1);
+	atomic_init(&n->state, 0);
+	atomic_init(&n->fd, -1);
+	atomic_init(&n->lock, 0);
+	n->children = n->next = NULL;
+	n->pprev = NULL;
+	if (timed) {
+		struct ctxi_timed *t = (struct ctxi_timed *)n;
+		t->deadline = deadline;
+		t->dcause = dcause;
+		if (ctxi_now() >= deadline) { /* born done; nothing to register */
+			atomic_init(&n->state, ctxi_mkstate(ETIMEDOUT, dcause));
+			return &n->base;
+		}
+	}
+	if (anchor) {
+		ctxi_lock(&anchor->lock);
+		uint64_t st = ctxi_state(anchor);
+		if (st) {
+			atomic_store_explicit(&n->state, st, memory_order_relaxed);
+		} else {
+			n->next = anchor->children;
+			if (n->next)
+				n->next->pprev = &n->next;
+			n->pprev = &anchor->children;
+			anchor->children = n;
+		}
+		ctxi_unlock(&anchor->lock);
+	}
+	return &n->base;
+}
+
+ctx_t *ctx_with_cancel(ctx_t *parent) { return new_cancel(parent, CTXI_NEVER, 0); }
+
+/* Nanoseconds since the epoch of CLOCK_MONOTONIC, saturating at CTXI_NEVER. */
+static int64_t ts_to_ns(struct timespec ts)
+{
+	if (ts.tv_sec < 0)
+		return 0; /* long past */
+	if (ts.tv_sec >= (CTXI_NEVER - ts.tv_nsec) / CTX_SEC)
+		return CTXI_NEVER;
+	return (int64_t)ts.tv_sec * CTX_SEC + ts.tv_nsec;
+}
+
+ctx_t *ctx_with_deadline_cause(ctx_t *parent, struct timespec deadline, int cause)
+{
+	if (!valid_parent(parent))
+		return NULL;
+	if (deadline.tv_nsec < 0 || deadline.tv_nsec >= CTX_SEC) {
+		errno = EINVAL;
+		return NULL;
+	}
+	return new_cancel(parent, ts_to_ns(deadline), cause);
+}
+
+ctx_t *ctx_with_deadline(ctx_t *parent, struct timespec deadline)
+{
+	return ctx_with_deadline_cause(parent, deadline, 0);
+}
+
+ctx_t *ctx_with_timeout_cause(ctx_t *parent, int64_t timeout_ns, int cause)
+{
+	if (!valid_parent(parent))
+		return NULL;
+	int64_t deadline;
+	if (timeout_ns == INT64_MAX)
+		deadline = CTXI_NEVER;
+	else if (timeout_ns <= 0)
+		deadline = 0; /* born done */
+	else if (__builtin_add_overflow(ctxi_now(), timeout_ns, &deadline))
+		deadline = CTXI_NEVER;
+	return new_cancel(parent, deadline, cause);
+}
+
+ctx_t *ctx_with_timeout(ctx_t *parent, int64_t timeout_ns)
+{
+	return ctx_with_timeout_cause(parent, timeout_ns, 0);
+}
+
+ctx_t *ctx_with_value(ctx_t *parent, const void *key, void *value, void (*destroy)(void *))
+{
+	if (!valid_parent(parent))
+		return NULL;
+	if (!key) {
+		errno = EINVAL;
+		return NULL;
+	}
+	struct ctxi_value *v = ctxi_alloc(sizeof(*v));
+	if (!v)
+		return NULL;
+	v->base = (struct ctx){.kind = CTXI_VALUE, .parent = ctx_ref(parent)};
+	atomic_init(&v->base.refs, 1);
+	v->key = key;
+	v->value = value;
+	v->destroy = destroy;
+	return &v->base;
+}
+
+ctx_t *ctx_without_cancel(ctx_t *parent)
+{
+	if (!valid_parent(parent))
+		return NULL;
+	ctx_t *w = ctxi_alloc(sizeof(*w));
+	if (!w)
+		return NULL;
+	*w = (struct ctx){.kind = CTXI_WITHOUT, .parent = ctx_ref(parent)};
+	atomic_init(&w->refs, 1);
+	return w;
+}
+
+/* ------------------------------------------------------------------------ */
+/* State */
+
+static uint64_t state_of(ctx_t *c)
+{
+	struct ctxi_cancel *anchor = ctxi_anchor(c);
+	return anchor ? ctxi_state(anchor) : 0;
+}
+
+int ctx_err(ctx_t *c)
+{
+	if (!c)
+		return EINVAL;
+	return ctxi_state_err(state_of(c));
+}
+
+int ctx_cause(ctx_t *c)
+{
+	if (!c)
+		return EINVAL;
+	return ctxi_state_cause(state_of(c));
+}
+
+bool ctx_deadline(ctx_t *c, struct timespec *out)
+{
+	if (!c) {
+		errno = EINVAL;
+		return false;
+	}
+	struct ctxi_cancel *anchor = ctxi_anchor(c);
+	if (!anchor || anchor->base.kind != CTXI_TIMED)
+		return false;
+	if (out)
+		*out = ctxi_ts(((struct ctxi_timed *)anchor)->deadline);
+	return true;
+}
+
+void *ctx_value(ctx_t *c, const void *key)
+{
+	if (!c || !key) {
+		errno = EINVAL;
+		return NULL;
+	}
+	for (; c; c = c->parent)
+		if (c->kind == CTXI_VALUE && ((struct ctxi_value *)c)->key == key)
+			return ((struct ctxi_value *)c)->value;
+	return NULL;
+}
