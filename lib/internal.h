@@ -29,6 +29,8 @@ enum ctxi_kind {
 	CTXI_VALUE,   /* ctx_with_value: done exactly when its parent is */
 	CTXI_CANCEL,  /* cancellable, no effective deadline: struct ctxi_cancel */
 	CTXI_TIMED,   /* cancellable, with an effective deadline: struct ctxi_timed */
+	CTXI_AFTER,   /* an after-function registration (lib/after.c); never a
+			 context, only a member of an anchor's children list */
 };
 
 /* Flags, in ctx.flags; written under the node's lock. */
@@ -190,6 +192,19 @@ static inline void *ctxi_alloc(size_t n)
 	}
 	return malloc(n);
 }
+
+/* lib/tree.c */
+void ctxi_unlink(struct ctxi_cancel *c); /* from its anchor's list, if there */
+
+/* lib/after.c: hands registrations fired by a cancel cascade (linked through
+ * `next`) to the after-function thread. */
+void ctxi_after_fire(struct ctxi_cancel *list);
+
+/* lib/wait.c: the fd-less wait, for when the process is out of fds.  Waits
+ * until `ctx` is done or CLOCK_MONOTONIC reaches `until` (CTXI_NEVER: no
+ * limit); returns the context's err, or 0 at `until`. */
+int ctxi_wait_nofd(ctx_t *ctx, int64_t until);
+void ctxi_wake_nofd_waiters(void); /* after every successful cancel */
 
 /* lib/fd.c */
 void ctxi_fd_signal(struct ctxi_cancel *c); /* under c's lock, c done */

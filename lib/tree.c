@@ -36,7 +36,7 @@ static bool ref_if_live(ctx_t *c)
 }
 
 /* Removes `c` from its anchor's children list, if it is still there. */
-static void unlink_node(struct ctxi_cancel *c)
+void ctxi_unlink(struct ctxi_cancel *c)
 {
 	struct ctxi_cancel *anchor = ctxi_anchor(c->base.parent);
 	if (!anchor)
@@ -65,7 +65,7 @@ static void free_chain(ctx_t *c)
 		}
 		case CTXI_CANCEL:
 		case CTXI_TIMED:
-			unlink_node((struct ctxi_cancel *)c);
+			ctxi_unlink((struct ctxi_cancel *)c);
 			ctxi_fd_close((struct ctxi_cancel *)c);
 			break;
 		}
@@ -96,9 +96,11 @@ void ctx_unref(ctx_t *c)
  * this call marked, and that are still alive, are pushed on *work with a
  * reference taken.  A child whose count is already zero is being freed (it
  * waits for our lock to unlink itself) and has no children of its own, since
- * every child holds a reference to its parent: it is skipped.
+ * every child holds a reference to its parent: it is skipped.  After-function
+ * registrations that this call fired go on *fire.
  */
-static void cancel_node(struct ctxi_cancel *n, uint64_t st, struct ctxi_cancel **work)
+static void cancel_node(struct ctxi_cancel *n, uint64_t st, struct ctxi_cancel **work,
+			struct ctxi_cancel **fire)
 {
 	ctxi_lock(&n->lock);
 	ctxi_fd_signal(n);
@@ -112,12 +114,16 @@ static void cancel_node(struct ctxi_cancel *n, uint64_t st, struct ctxi_cancel *
 		 * unobserved was done by that deadline, not by this cancel.  Its
 		 * descendants' deadlines are no later, so they need no visit. */
 		uint64_t cur = ctxi_state(ch);
-		if (!cur &&
-		    atomic_compare_exchange_strong_explicit(&ch->state, &cur, st, memory_order_acq_rel,
-							    memory_order_acquire) &&
-		    ref_if_live(&ch->base)) {
-			ch->next = *work;
-			*work = ch;
+		if (!cur && atomic_compare_exchange_strong_explicit(&ch->state, &cur, st,
+								    memory_order_acq_rel,
+								    memory_order_acquire)) {
+			if (ch->base.kind == CTXI_AFTER) {
+				ch->next = *fire;
+				*fire = ch;
+			} else if (ref_if_live(&ch->base)) {
+				ch->next = *work;
+				*work = ch;
+			}
 		}
 		ch = next;
 	}
@@ -133,15 +139,17 @@ static void cancel_node(struct ctxi_cancel *n, uint64_t st, struct ctxi_cancel *
  */
 static void cascade(struct ctxi_cancel *root, uint64_t st)
 {
-	struct ctxi_cancel *work = NULL;
-	cancel_node(root, st, &work);
+	struct ctxi_cancel *work = NULL, *fire = NULL;
+	cancel_node(root, st, &work, &fire);
 	while (work) {
 		struct ctxi_cancel *n = work;
 		work = n->next;
 		n->next = NULL;
-		cancel_node(n, st, &work);
+		cancel_node(n, st, &work, &fire);
 		ctx_unref(&n->base);
 	}
+	if (fire)
+		ctxi_after_fire(fire);
 }
 
 int ctx_cancel_cause(ctx_t *c, int cause)
@@ -153,11 +161,13 @@ int ctx_cancel_cause(ctx_t *c, int cause)
 	if (cur)
 		return EALREADY;
 	uint64_t st = ctxi_mkstate(ECANCELED, cause ? cause : ECANCELED);
-	if (!atomic_compare_exchange_strong_explicit(&n->state, &cur, st, memory_order_acq_rel,
+	/* seq_cst: lib/wait.c's fd-less waiters pair with this store. */
+	if (!atomic_compare_exchange_strong_explicit(&n->state, &cur, st, memory_order_seq_cst,
 						     memory_order_acquire))
 		return EALREADY;
 	cascade(n, st);
-	unlink_node(n); /* a cancelled child holds no memory in its parent */
+	ctxi_unlink(n); /* a cancelled child holds no memory in its parent */
+	ctxi_wake_nofd_waiters();
 	return 0;
 }
 

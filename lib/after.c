@@ -1,0 +1,345 @@
+/*
+ * After-functions: fn(arg) runs once on a library-owned thread after a
+ * context is done.
+ *
+ * A registration is a pseudo-child (kind CTXI_AFTER) in the children list of
+ * the context's anchor, so the cancel cascade finds it like any child.  Its
+ * `state` word decides, by CAS from 0, who owns its fate: the cascade or the
+ * deadline timer (AFTER_FIRED: it will run) or ctx_after_stop() (AFTER_STOPPED).
+ *
+ * Deadlines: a registration on a context with a deadline also sits in a
+ * min-heap; the thread sleeps on a condition variable until the earliest
+ * deadline, so an after-function fires at a deadline nobody else watches.
+ *
+ * Lock order: a node lock (ctxi_lock) may be taken with `lk` free only; `lk`
+ * is never held while taking a node lock or while running fn.  The cascade
+ * hands fired registrations over after dropping every node lock.
+ *
+ * Lifetime: `refs` counts the registration itself (dropped after fn returns
+ * or when stopped), the handle (dropped by ctx_after_stop) and heap
+ * membership.
+ */
+#include "internal.h"
+
+#include <pthread.h>
+#include <signal.h>
+#include <string.h>
+
+enum { AFTER_ARMED = 0, AFTER_FIRED = 1, AFTER_STOPPED = 2 };
+
+struct ctx_after {
+	struct ctxi_cancel node; /* node.base.parent = the context (referenced) */
+	void (*fn)(void *);
+	void *arg;
+	_Atomic uint32_t refs;
+	int heap_idx;   /* under lk; -1 when not in the heap */
+	bool finished;  /* under lk; fn has returned */
+	int64_t deadline;
+	struct ctx_after *qnext; /* run queue link, under lk */
+};
+
+static pthread_mutex_t lk = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t wake;     /* the thread: work or an earlier deadline */
+static pthread_cond_t finished; /* ctx_after_stop_wait() */
+static bool started;
+static pthread_t thread;
+static struct ctx_after *runq, **runq_tail = &runq;
+static struct ctx_after **heap;
+static int heap_len, heap_cap;
+
+static _Thread_local bool on_after_thread;
+
+static void put(struct ctx_after *a)
+{
+	if (atomic_fetch_sub_explicit(&a->refs, 1, memory_order_acq_rel) == 1) {
+		ctx_unref(a->node.base.parent); /* NULL once fn has run */
+		free(a);
+	}
+}
+
+/* ---- the deadline heap, under lk ---- */
+
+static void heap_set(int i, struct ctx_after *a)
+{
+	heap[i] = a;
+	a->heap_idx = i;
+}
+
+static void heap_fix(int i)
+{
+	struct ctx_after *a = heap[i];
+	while (i > 0 && heap[(i - 1) / 2]->deadline > a->deadline) {
+		heap_set(i, heap[(i - 1) / 2]);
+		i = (i - 1) / 2;
+	}
+	for (;;) {
+		int c = 2 * i + 1;
+		if (c >= heap_len)
+			break;
+		if (c + 1 < heap_len && heap[c + 1]->deadline < heap[c]->deadline)
+			c++;
+		if (heap[c]->deadline >= a->deadline)
+			break;
+		heap_set(i, heap[c]);
+		i = c;
+	}
+	heap_set(i, a);
+}
+
+/* Removes `a` from the heap if it is there; the caller drops the heap's
+ * reference when this returns true. */
+static bool heap_remove(struct ctx_after *a)
+{
+	int i = a->heap_idx;
+	if (i < 0)
+		return false;
+	a->heap_idx = -1;
+	struct ctx_after *last = heap[--heap_len];
+	if (last != a) {
+		heap_set(i, last);
+		heap_fix(i);
+	}
+	return true;
+}
+
+static bool heap_reserve(void)
+{
+	if (heap_len < heap_cap)
+		return true;
+	int cap = heap_cap ? 2 * heap_cap : 64;
+	struct ctx_after **h = realloc(heap, (size_t)cap * sizeof(*h));
+	if (!h)
+		return false;
+	heap = h;
+	heap_cap = cap;
+	return true;
+}
+
+/* ---- the thread ---- */
+
+static void run(struct ctx_after *a)
+{
+	a->fn(a->arg);
+	/* The registration holds the context until fn has run, not until the
+	 * handle is stopped.  Nothing reads `parent` once the state is
+	 * AFTER_FIRED. */
+	ctx_unref(a->node.base.parent);
+	a->node.base.parent = NULL;
+	pthread_mutex_lock(&lk);
+	a->finished = true;
+	pthread_cond_broadcast(&finished);
+	pthread_mutex_unlock(&lk);
+	put(a); /* the registration's reference */
+}
+
+static void *loop(void *unused)
+{
+	(void)unused;
+	on_after_thread = true;
+	pthread_mutex_lock(&lk);
+	for (;;) {
+		if (runq) {
+			struct ctx_after *a = runq;
+			runq = a->qnext;
+			if (!runq)
+				runq_tail = &runq;
+			pthread_mutex_unlock(&lk);
+			run(a);
+			pthread_mutex_lock(&lk);
+			continue;
+		}
+		if (!heap_len) {
+			pthread_cond_wait(&wake, &lk);
+			continue;
+		}
+		struct ctx_after *a = heap[0];
+		if (ctxi_now() < a->deadline) {
+			struct timespec at = ctxi_ts(a->deadline);
+			pthread_cond_timedwait(&wake, &lk, &at);
+			continue;
+		}
+		heap_remove(a);
+		pthread_mutex_unlock(&lk);
+		/* The context's deadline has passed, so it is done; unless a
+		 * cancel or a stop got here first, this thread fires it. */
+		uint64_t armed = AFTER_ARMED;
+		if (atomic_compare_exchange_strong(&a->node.state, &armed, AFTER_FIRED)) {
+			ctxi_unlink(&a->node);
+			run(a);
+		}
+		put(a); /* the heap's reference */
+		pthread_mutex_lock(&lk);
+	}
+	return NULL;
+}
+
+/* After fork() only the forking thread exists in the child: forget ours, and
+ * re-create the lock state, so that the child starts a thread on demand. */
+static void atfork_child(void)
+{
+	pthread_mutex_init(&lk, NULL);
+	pthread_condattr_t ca;
+	pthread_condattr_init(&ca);
+	pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
+	pthread_cond_init(&wake, &ca);
+	pthread_cond_init(&finished, NULL);
+	pthread_condattr_destroy(&ca);
+	started = false;
+}
+
+static pthread_once_t once = PTHREAD_ONCE_INIT;
+
+static void init_once(void)
+{
+	pthread_condattr_t ca;
+	pthread_condattr_init(&ca);
+	pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
+	pthread_cond_init(&wake, &ca);
+	pthread_cond_init(&finished, NULL);
+	pthread_condattr_destroy(&ca);
+	pthread_atfork(NULL, NULL, atfork_child);
+}
+
+/* Under lk.  The thread blocks every signal: they belong to the program. */
+static int start_thread(void)
+{
+	if (started)
+		return 0;
+	sigset_t all, old;
+	sigfillset(&all);
+	pthread_sigmask(SIG_SETMASK, &all, &old);
+	pthread_attr_t attr;
+	pthread_attr_init(&attr);
+	pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+	int r = pthread_create(&thread, &attr, loop, NULL);
+	pthread_attr_destroy(&attr);
+	pthread_sigmask(SIG_SETMASK, &old, NULL);
+	if (r)
+		return EAGAIN;
+	started = true;
+	return 0;
+}
+
+/* Queues registrations that their state already marks AFTER_FIRED. */
+void ctxi_after_fire(struct ctxi_cancel *list)
+{
+	pthread_mutex_lock(&lk);
+	while (list) {
+		struct ctx_after *a = (struct ctx_after *)list;
+		list = list->next;
+		a->node.next = NULL;
+		/* The heap's reference; never the last, the registration's is
+		 * held until fn returns. */
+		if (heap_remove(a))
+			atomic_fetch_sub_explicit(&a->refs, 1, memory_order_relaxed);
+		a->qnext = NULL;
+		*runq_tail = a;
+		runq_tail = &a->qnext;
+	}
+	pthread_cond_signal(&wake);
+	pthread_mutex_unlock(&lk);
+}
+
+int ctx_after_func(ctx_t *ctx, void (*fn)(void *), void *arg, ctx_after_t **stop)
+{
+	if (stop)
+		*stop = NULL;
+	if (!ctx || !fn)
+		return EINVAL;
+	struct ctx_after *a = ctxi_alloc(sizeof(*a));
+	if (!a)
+		return ENOMEM;
+	memset(a, 0, sizeof(*a));
+	a->node.base.kind = CTXI_AFTER;
+	a->node.base.parent = ctx_ref(ctx);
+	atomic_init(&a->node.fd, -1);
+	a->fn = fn;
+	a->arg = arg;
+	a->heap_idx = -1;
+	atomic_init(&a->refs, stop ? 2 : 1);
+
+	struct ctxi_cancel *anchor = ctxi_anchor(ctx);
+	if (!anchor) { /* never done: fn never runs; only a handle remains */
+		if (stop)
+			*stop = a;
+		else
+			put(a);
+		return 0;
+	}
+	pthread_once(&once, init_once);
+	bool timed = anchor->base.kind == CTXI_TIMED;
+	pthread_mutex_lock(&lk);
+	int err = start_thread();
+	if (!err && timed && !heap_reserve())
+		err = ENOMEM;
+	pthread_mutex_unlock(&lk);
+	if (err) {
+		if (stop)
+			put(a);
+		put(a);
+		return err;
+	}
+
+	ctxi_lock(&anchor->lock);
+	bool done = ctxi_state(anchor) != 0;
+	if (!done) {
+		a->node.next = anchor->children;
+		if (a->node.next)
+			a->node.next->pprev = &a->node.next;
+		a->node.pprev = &anchor->children;
+		anchor->children = &a->node;
+	}
+	ctxi_unlock(&anchor->lock);
+
+	if (done) {
+		atomic_store(&a->node.state, AFTER_FIRED);
+		ctxi_after_fire(&a->node);
+	} else if (timed) {
+		a->deadline = ((struct ctxi_timed *)anchor)->deadline;
+		pthread_mutex_lock(&lk);
+		/* A cancel may have fired it since we linked it: then it needs
+		 * no timer. */
+		if (atomic_load(&a->node.state) == AFTER_ARMED && heap_reserve()) {
+			atomic_fetch_add_explicit(&a->refs, 1, memory_order_relaxed);
+			heap_len++;
+			heap_set(heap_len - 1, a);
+			heap_fix(heap_len - 1);
+			if (heap[0] == a)
+				pthread_cond_signal(&wake);
+		}
+		pthread_mutex_unlock(&lk);
+	}
+	if (stop)
+		*stop = a;
+	return 0;
+}
+
+static bool stop(ctx_after_t *a, bool wait)
+{
+	if (!a) {
+		errno = EINVAL;
+		return false;
+	}
+	uint64_t armed = AFTER_ARMED;
+	bool stopped = atomic_compare_exchange_strong(&a->node.state, &armed, AFTER_STOPPED);
+	if (stopped) {
+		ctxi_unlink(&a->node);
+		pthread_mutex_lock(&lk);
+		bool in_heap = heap_remove(a);
+		pthread_mutex_unlock(&lk);
+		if (in_heap)
+			put(a);
+		put(a); /* the registration's: fn will never run */
+	} else if (wait && !on_after_thread) {
+		pthread_mutex_lock(&lk);
+		while (!a->finished)
+			pthread_cond_wait(&finished, &lk);
+		pthread_mutex_unlock(&lk);
+	}
+	put(a); /* the handle's */
+	return stopped;
+}
+
+bool ctx_after_stop(ctx_after_t *a) { return stop(a, false); }
+
+bool ctx_after_stop_wait(ctx_after_t *a) { return stop(a, true); }

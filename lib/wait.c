@@ -1,0 +1,57 @@
+/*
+ * The fd-less wait: ctx_wait() and ctx_sleep() must work when the process has
+ * no fd to spare, so they fall back to a futex on a process-wide sequence
+ * number that every successful ctx_cancel() bumps.  Deadlines need no bump:
+ * the waiter's futex timeout ends at the context's effective deadline.
+ *
+ * Why it cannot miss a wake-up: a waiter announces itself (nofd_waiters),
+ * reads the sequence, then checks the context.  A canceller marks the
+ * context, bumps the sequence, then reads nofd_waiters.  All four are
+ * seq_cst, so either the waiter sees the context done, or its futex_wait
+ * sees a changed sequence, or the canceller sees the waiter and wakes it.
+ */
+#include "internal.h"
+
+#include <limits.h>
+
+static _Atomic uint32_t nofd_seq;
+static _Atomic uint32_t nofd_waiters;
+
+void ctxi_wake_nofd_waiters(void)
+{
+	atomic_fetch_add_explicit(&nofd_seq, 1, memory_order_seq_cst);
+	if (atomic_load_explicit(&nofd_waiters, memory_order_seq_cst))
+		syscall(SYS_futex, &nofd_seq, FUTEX_WAKE_PRIVATE, INT_MAX, NULL, NULL, 0);
+}
+
+int ctxi_wait_nofd(ctx_t *ctx, int64_t until)
+{
+	struct ctxi_cancel *anchor = ctxi_anchor(ctx);
+	if (anchor && anchor->base.kind == CTXI_TIMED) {
+		int64_t d = ((struct ctxi_timed *)anchor)->deadline;
+		if (d < until)
+			until = d;
+	}
+	int err = 0;
+	atomic_fetch_add_explicit(&nofd_waiters, 1, memory_order_seq_cst);
+	for (;;) {
+		uint32_t seq = atomic_load_explicit(&nofd_seq, memory_order_seq_cst);
+		if (anchor && (err = ctxi_state_err(ctxi_state(anchor))))
+			break;
+		struct timespec rel, *timeout = NULL;
+		if (until != CTXI_NEVER) {
+			int64_t left = until - ctxi_now();
+			if (left <= 0) {
+				/* At the context's own deadline ctxi_state() now
+				 * latches ETIMEDOUT. */
+				err = anchor ? ctxi_state_err(ctxi_state(anchor)) : 0;
+				break;
+			}
+			rel = ctxi_ts(left);
+			timeout = &rel;
+		}
+		syscall(SYS_futex, &nofd_seq, FUTEX_WAIT_PRIVATE, seq, timeout, NULL, 0);
+	}
+	atomic_fetch_sub_explicit(&nofd_waiters, 1, memory_order_seq_cst);
+	return err;
+}
