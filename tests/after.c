@@ -1,0 +1,475 @@
+/* After-functions: ctx_after_func, ctx_after_stop, ctx_after_stop_wait. */
+#include <criterion/criterion.h>
+#include <dirent.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdlib.h>
+#include <sys/eventfd.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include "helpers.h"
+
+/* A probe counts runs and signals an eventfd that the test waits on. */
+struct probe {
+	atomic_int runs;
+	int efd;
+	pthread_t thread;
+	int64_t at;
+	int err_seen;
+	ctx_t *ctx;           /* optional: read ctx_err inside fn */
+	ctx_after_t *handle;  /* optional: stop from inside fn */
+	int stop_inside;      /* result of ctx_after_stop inside fn, +1 */
+};
+
+static void probe_init(struct probe *p)
+{
+	*p = (struct probe){.efd = eventfd(0, EFD_CLOEXEC)};
+	cr_assert_geq(p->efd, 0);
+}
+
+static void probe_fini(struct probe *p) { close(p->efd); }
+
+static void probe_fn(void *arg)
+{
+	struct probe *p = arg;
+	p->thread = pthread_self();
+	p->at = now_ns();
+	if (p->ctx)
+		p->err_seen = ctx_err(p->ctx);
+	if (p->handle)
+		p->stop_inside = ctx_after_stop(p->handle) + 1;
+	atomic_fetch_add(&p->runs, 1);
+	uint64_t one = 1;
+	cr_assert_eq(write(p->efd, &one, sizeof(one)), (ssize_t)sizeof(one));
+}
+
+/* Waits, bounded, for the probe's fn to have run. */
+static bool probe_ran(struct probe *p, int timeout_ms)
+{
+	return readable_within(p->efd, timeout_ms);
+}
+
+static int thread_count(void)
+{
+	DIR *d = opendir("/proc/self/task");
+	int n = 0;
+	struct dirent *e;
+	while ((e = readdir(d)))
+		n += e->d_name[0] != '.';
+	closedir(d);
+	return n;
+}
+
+Test(after, runs_once_after_cancel)
+{
+	struct probe p;
+	probe_init(&p);
+	ctx_t *c = ctx_with_cancel(ctx_background());
+	ctx_after_t *h;
+	cr_assert_eq(ctx_after_func(c, probe_fn, &p, &h), 0);
+	cr_assert_eq(ctx_cancel(c), 0);
+	cr_assert(probe_ran(&p, 5000));
+	cr_assert_eq(ctx_cancel(c), EALREADY);
+	cr_assert_not(ctx_after_stop_wait(h)); /* it ran: false, and it has returned */
+	cr_assert_eq(atomic_load(&p.runs), 1);
+	ctx_unref(c);
+	probe_fini(&p);
+}
+
+Test(after, runs_soon_when_already_done)
+{
+	struct probe p;
+	probe_init(&p);
+	ctx_t *c = ctx_with_cancel(ctx_background());
+	ctx_cancel(c);
+	cr_assert_eq(ctx_after_func(c, probe_fn, &p, NULL), 0);
+	cr_assert(probe_ran(&p, 5000));
+	ctx_unref(c);
+	probe_fini(&p);
+}
+
+Test(after, runs_on_a_library_thread_not_the_cancellers)
+{
+	struct probe p;
+	probe_init(&p);
+	ctx_t *c = ctx_with_cancel(ctx_background());
+	p.ctx = c;
+	cr_assert_eq(ctx_after_func(c, probe_fn, &p, NULL), 0);
+	ctx_cancel_cause(c, EPIPE);
+	cr_assert(probe_ran(&p, 5000));
+	cr_assert_not(pthread_equal(p.thread, pthread_self()));
+	cr_assert_eq(p.err_seen, ECANCELED);
+	ctx_unref(c);
+	probe_fini(&p);
+}
+
+Test(after, runs_when_an_ancestor_is_cancelled)
+{
+	struct probe p;
+	probe_init(&p);
+	ctx_t *root = ctx_with_cancel(ctx_background());
+	ctx_t *v = ctx_with_value(root, &p, &p, NULL);
+	ctx_t *c = ctx_with_cancel(v);
+	cr_assert_eq(ctx_after_func(v, probe_fn, &p, NULL), 0);
+	cr_assert_eq(ctx_after_func(c, probe_fn, &p, NULL), 0);
+	ctx_cancel(root);
+	cr_assert(probe_ran(&p, 5000));
+	/* Both run: consume the eventfd count until it adds up to 2. */
+	uint64_t n = 0, got;
+	while (n < 2 && readable_within(p.efd, 5000) && read(p.efd, &got, sizeof(got)) == sizeof(got))
+		n += got;
+	cr_assert_eq(n, 2);
+	cr_assert_eq(atomic_load(&p.runs), 2);
+	ctx_unref(c);
+	ctx_unref(v);
+	ctx_unref(root);
+	probe_fini(&p);
+}
+
+Test(after, fires_at_a_deadline_nobody_watches)
+{
+	struct probe p;
+	probe_init(&p);
+	ctx_t *c = ctx_with_timeout(ctx_background(), 30 * CTX_MSEC);
+	struct timespec d;
+	cr_assert(ctx_deadline(c, &d));
+	int64_t deadline = (int64_t)d.tv_sec * CTX_SEC + d.tv_nsec;
+	p.ctx = c;
+	cr_assert_eq(ctx_after_func(c, probe_fn, &p, NULL), 0);
+	/* Nobody calls the library from here on: only the probe's eventfd. */
+	cr_assert(probe_ran(&p, 5000));
+	cr_assert_geq(p.at, deadline);
+	cr_assert_eq(p.err_seen, ETIMEDOUT);
+	ctx_unref(c);
+	probe_fini(&p);
+}
+
+Test(after, deadlines_fire_in_order_of_their_deadlines)
+{
+	enum { N = 40 };
+	struct probe p[N];
+	ctx_t *c[N];
+	int64_t deadline[N];
+	for (int i = 0; i < N; i++) {
+		probe_init(&p[i]);
+		/* Out of order: 5..45 ms, shuffled by a stride. */
+		int64_t ms = 5 + (i * 17) % N;
+		c[i] = ctx_with_timeout(ctx_background(), ms * CTX_MSEC);
+		struct timespec d;
+		ctx_deadline(c[i], &d);
+		deadline[i] = (int64_t)d.tv_sec * CTX_SEC + d.tv_nsec;
+		cr_assert_eq(ctx_after_func(c[i], probe_fn, &p[i], NULL), 0);
+	}
+	for (int i = 0; i < N; i++) {
+		cr_assert(probe_ran(&p[i], 5000), "registration %d never ran", i);
+		cr_assert_geq(p[i].at, deadline[i]);
+	}
+	for (int i = 0; i < N; i++)
+		for (int j = 0; j < N; j++)
+			if (deadline[i] < deadline[j])
+				cr_assert_leq(p[i].at, p[j].at);
+	for (int i = 0; i < N; i++) {
+		ctx_unref(c[i]);
+		probe_fini(&p[i]);
+	}
+}
+
+Test(after, stopped_before_running_returns_true_and_never_runs)
+{
+	struct probe p, sentinel;
+	probe_init(&p);
+	probe_init(&sentinel);
+	ctx_t *c = ctx_with_timeout(ctx_background(), 20 * CTX_MSEC);
+	ctx_after_t *h;
+	cr_assert_eq(ctx_after_func(c, probe_fn, &p, &h), 0);
+	cr_assert(ctx_after_stop(h));
+	ctx_cancel(c);
+	/* The library thread runs functions in order: once a function
+	 * registered after the cancel has run, the stopped one would have. */
+	cr_assert_eq(ctx_after_func(c, probe_fn, &sentinel, NULL), 0);
+	cr_assert(probe_ran(&sentinel, 5000));
+	cr_assert_eq(atomic_load(&p.runs), 0);
+	ctx_unref(c);
+	probe_fini(&p);
+	probe_fini(&sentinel);
+}
+
+Test(after, stopped_after_running_returns_false)
+{
+	struct probe p;
+	probe_init(&p);
+	ctx_t *c = ctx_with_cancel(ctx_background());
+	ctx_after_t *h;
+	cr_assert_eq(ctx_after_func(c, probe_fn, &p, &h), 0);
+	ctx_cancel(c);
+	cr_assert(probe_ran(&p, 5000));
+	cr_assert_not(ctx_after_stop(h));
+	ctx_unref(c);
+	probe_fini(&p);
+}
+
+Test(after, stop_from_inside_the_function_does_not_deadlock)
+{
+	struct probe p;
+	probe_init(&p);
+	ctx_t *c = ctx_with_cancel(ctx_background());
+	cr_assert_eq(ctx_after_func(c, probe_fn, &p, &p.handle), 0);
+	ctx_cancel(c);
+	cr_assert(probe_ran(&p, 5000));
+	cr_assert_eq(p.stop_inside, 1); /* false + 1: it had started */
+	ctx_unref(c);
+	probe_fini(&p);
+}
+
+static void stop_wait_inside(void *arg)
+{
+	struct probe *p = arg;
+	p->stop_inside = ctx_after_stop_wait(p->handle) + 1;
+	uint64_t one = 1;
+	cr_assert_eq(write(p->efd, &one, sizeof(one)), (ssize_t)sizeof(one));
+}
+
+Test(after, stop_wait_from_inside_the_function_does_not_wait)
+{
+	struct probe p;
+	probe_init(&p);
+	ctx_t *c = ctx_with_cancel(ctx_background());
+	cr_assert_eq(ctx_after_func(c, stop_wait_inside, &p, &p.handle), 0);
+	ctx_cancel(c);
+	cr_assert(probe_ran(&p, 5000));
+	cr_assert_eq(p.stop_inside, 1);
+	ctx_unref(c);
+	probe_fini(&p);
+}
+
+struct slow {
+	int started;  /* eventfd: fn has started */
+	int release;  /* eventfd: fn may return */
+	atomic_int returned;
+};
+
+static void slow_fn(void *arg)
+{
+	struct slow *s = arg;
+	uint64_t one = 1;
+	cr_assert_eq(write(s->started, &one, sizeof(one)), (ssize_t)sizeof(one));
+	cr_assert(readable_within(s->release, 10000));
+	atomic_store(&s->returned, 1);
+}
+
+static void *release_later(void *arg)
+{
+	struct slow *s = arg;
+	/* Give stop_wait a moment to block; correctness does not depend on it. */
+	struct timespec ts = {0, 20 * 1000 * 1000};
+	nanosleep(&ts, NULL);
+	uint64_t one = 1;
+	cr_assert_eq(write(s->release, &one, sizeof(one)), (ssize_t)sizeof(one));
+	return NULL;
+}
+
+Test(after, stop_wait_returns_only_after_a_running_function_returned)
+{
+	struct slow s = {.started = eventfd(0, EFD_CLOEXEC), .release = eventfd(0, EFD_CLOEXEC)};
+	ctx_t *c = ctx_with_cancel(ctx_background());
+	ctx_after_t *h;
+	cr_assert_eq(ctx_after_func(c, slow_fn, &s, &h), 0);
+	ctx_cancel(c);
+	cr_assert(readable_within(s.started, 5000));
+	pthread_t t;
+	pthread_create(&t, NULL, release_later, &s);
+	cr_assert_not(ctx_after_stop_wait(h));
+	cr_assert_eq(atomic_load(&s.returned), 1);
+	pthread_join(t, NULL);
+	ctx_unref(c);
+	close(s.started);
+	close(s.release);
+}
+
+Test(after, fire_and_forget_runs_and_frees_itself)
+{
+	struct probe p;
+	probe_init(&p);
+	ctx_t *c = ctx_with_timeout(ctx_background(), 10 * CTX_MSEC);
+	cr_assert_eq(ctx_after_func(c, probe_fn, &p, NULL), 0);
+	ctx_unref(c); /* the registration holds the context */
+	cr_assert(probe_ran(&p, 5000));
+	probe_fini(&p);
+}
+
+Test(after, the_registration_keeps_the_context_alive)
+{
+	struct probe p;
+	probe_init(&p);
+	ctx_t *root = ctx_with_cancel(ctx_background());
+	ctx_t *c = ctx_with_cancel(root);
+	p.ctx = c;
+	cr_assert_eq(ctx_after_func(c, probe_fn, &p, NULL), 0);
+	ctx_unref(c); /* only the registration holds c now */
+	ctx_cancel_cause(root, EPIPE);
+	cr_assert(probe_ran(&p, 5000));
+	cr_assert_eq(p.err_seen, ECANCELED);
+	ctx_unref(root);
+	probe_fini(&p);
+}
+
+Test(after, never_done_context_never_runs_and_stop_returns_true)
+{
+	struct probe p;
+	probe_init(&p);
+	ctx_t *w = ctx_without_cancel(ctx_background());
+	ctx_after_t *h;
+	cr_assert_eq(ctx_after_func(ctx_background(), probe_fn, &p, NULL), 0);
+	cr_assert_eq(ctx_after_func(w, probe_fn, &p, &h), 0);
+	cr_assert_not(probe_ran(&p, 50));
+	cr_assert(ctx_after_stop(h));
+	ctx_unref(w);
+	probe_fini(&p);
+}
+
+Test(after, bad_input_is_einval)
+{
+	ctx_after_t *h = (ctx_after_t *)&h;
+	cr_assert_eq(ctx_after_func(NULL, probe_fn, NULL, &h), EINVAL);
+	cr_assert_null(h);
+	cr_assert_eq(ctx_after_func(ctx_background(), NULL, NULL, NULL), EINVAL);
+	errno = 0;
+	cr_assert_not(ctx_after_stop(NULL));
+	cr_assert_eq(errno, EINVAL);
+}
+
+static void call_library(void *arg)
+{
+	struct probe *p = arg;
+	/* No library lock is held here: all of these would deadlock if one were. */
+	ctx_t *c = ctx_with_cancel(p->ctx);
+	cr_assert_eq(ctx_err(c), ECANCELED);
+	ctx_t *other = ctx_with_cancel(ctx_background());
+	ctx_after_t *h;
+	cr_assert_eq(ctx_after_func(other, probe_fn, p, &h), 0);
+	cr_assert(ctx_after_stop(h));
+	ctx_release(other);
+	ctx_release(c);
+	probe_fn(p);
+}
+
+Test(after, the_function_may_call_the_library)
+{
+	struct probe p;
+	probe_init(&p);
+	ctx_t *c = ctx_with_cancel(ctx_background());
+	p.ctx = c;
+	cr_assert_eq(ctx_after_func(c, call_library, &p, NULL), 0);
+	ctx_cancel(c);
+	cr_assert(probe_ran(&p, 5000));
+	ctx_unref(c);
+	probe_fini(&p);
+}
+
+Test(after, no_library_thread_until_the_first_registration)
+{
+	int before = thread_count();
+	ctx_t *c = ctx_with_timeout(ctx_background(), CTX_SEC);
+	ctx_t *d = ctx_with_cancel(c);
+	cr_assert_geq(ctx_fd(d), 0);
+	ctx_cancel(d);
+	cr_assert(readable_now(ctx_fd(d)));
+	cr_assert_eq(thread_count(), before);
+	struct probe p;
+	probe_init(&p);
+	cr_assert_eq(ctx_after_func(d, probe_fn, &p, NULL), 0);
+	cr_assert(probe_ran(&p, 5000));
+	cr_assert_eq(thread_count(), before + 1);
+	ctx_release(d);
+	ctx_release(c);
+	probe_fini(&p);
+}
+
+Test(after, a_forked_child_gets_a_working_thread)
+{
+#ifdef __SANITIZE_THREAD__
+	cr_skip_test("TSan does not support threads after a multi-threaded fork");
+#endif
+	struct probe p;
+	probe_init(&p);
+	ctx_t *c = ctx_with_cancel(ctx_background());
+	cr_assert_eq(ctx_after_func(c, probe_fn, &p, NULL), 0);
+	ctx_cancel(c);
+	cr_assert(probe_ran(&p, 5000)); /* the parent's thread exists now */
+	pid_t pid = fork();
+	cr_assert_geq(pid, 0);
+	if (pid == 0) {
+		struct probe q;
+		q.efd = eventfd(0, EFD_CLOEXEC);
+		atomic_init(&q.runs, 0);
+		q.ctx = NULL;
+		q.handle = NULL;
+		ctx_t *k = ctx_with_timeout(ctx_background(), 10 * CTX_MSEC);
+		if (ctx_after_func(k, probe_fn, &q, NULL) != 0)
+			_exit(2);
+		_exit(readable_within(q.efd, 5000) ? 0 : 1);
+	}
+	int status = -1;
+	for (int i = 0; i < 1000; i++) { /* bounded: ~10 s */
+		if (waitpid(pid, &status, WNOHANG) == pid)
+			break;
+		struct timespec ts = {0, 10 * 1000 * 1000};
+		nanosleep(&ts, NULL);
+	}
+	cr_assert(WIFEXITED(status) && WEXITSTATUS(status) == 0, "child status %d", status);
+	ctx_unref(c);
+	probe_fini(&p);
+}
+
+/* Threads register and stop while another cancels the shared parent: every
+ * registration either was stopped (true, never ran) or ran (false). */
+struct race {
+	ctx_t *parent;
+	atomic_int stopped, ran_total;
+	atomic_int go;
+};
+
+static void count_fn(void *arg)
+{
+	atomic_fetch_add(&((struct race *)arg)->ran_total, 1);
+}
+
+static void *racer(void *arg)
+{
+	struct race *r = arg;
+	while (!atomic_load(&r->go))
+		;
+	for (int i = 0; i < 300; i++) {
+		ctx_t *c = (i & 1) ? ctx_with_cancel(r->parent)
+				   : ctx_with_timeout(r->parent, (i % 7) * CTX_MSEC);
+		cr_assert_not_null(c);
+		ctx_after_t *h;
+		cr_assert_eq(ctx_after_func(c, count_fn, r, &h), 0);
+		if (i % 3 == 0)
+			ctx_cancel(c);
+		if (ctx_after_stop_wait(h))
+			atomic_fetch_add(&r->stopped, 1);
+		ctx_release(c);
+	}
+	return NULL;
+}
+
+Test(after, stop_and_cancel_race_to_a_consistent_outcome)
+{
+	enum { T = 3 };
+	struct race r = {.parent = ctx_with_cancel(ctx_background())};
+	pthread_t t[T];
+	for (int i = 0; i < T; i++)
+		pthread_create(&t[i], NULL, racer, &r);
+	atomic_store(&r.go, 1);
+	struct timespec ts = {0, 2 * 1000 * 1000};
+	nanosleep(&ts, NULL);
+	ctx_cancel(r.parent);
+	for (int i = 0; i < T; i++)
+		pthread_join(t[i], NULL);
+	/* stop_wait returned false only after fn returned: every registration
+	 * is accounted for exactly once. */
+	cr_assert_eq(atomic_load(&r.stopped) + atomic_load(&r.ran_total), T * 300);
+	ctx_unref(r.parent);
+}
