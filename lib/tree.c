@@ -226,25 +226,25 @@ static ctx_t *new_cancel(ctx_t *parent, int64_t own, int own_cause)
 		struct ctxi_timed *t = (struct ctxi_timed *)n;
 		t->deadline = deadline;
 		t->dcause = dcause;
-		if (ctxi_now() >= deadline) { /* born done; nothing to register */
-			atomic_init(&n->state, ctxi_mkstate(ETIMEDOUT, dcause));
-			return &n->base;
-		}
 	}
-	if (anchor) {
+	/* As in Go, a parent that is already done wins over a deadline that
+	 * has already passed: the child reports the parent's err and cause. */
+	if (anchor)
 		ctxi_lock(&anchor->lock);
-		uint64_t st = ctxi_state(anchor);
-		if (st) {
-			atomic_store_explicit(&n->state, st, memory_order_relaxed);
-		} else {
-			n->next = anchor->children;
-			if (n->next)
-				n->next->pprev = &n->next;
-			n->pprev = &anchor->children;
-			anchor->children = n;
-		}
-		ctxi_unlock(&anchor->lock);
+	uint64_t st = anchor ? ctxi_state(anchor) : 0;
+	if (!st && timed && ctxi_now() >= deadline)
+		st = ctxi_mkstate(ETIMEDOUT, dcause);
+	if (st) {
+		atomic_store_explicit(&n->state, st, memory_order_relaxed);
+	} else if (anchor) {
+		n->next = anchor->children;
+		if (n->next)
+			n->next->pprev = &n->next;
+		n->pprev = &anchor->children;
+		anchor->children = n;
 	}
+	if (anchor)
+		ctxi_unlock(&anchor->lock);
 	return &n->base;
 }
 
