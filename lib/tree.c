@@ -91,23 +91,48 @@ void ctx_unref(ctx_t *c)
 /* Cancellation */
 
 /*
- * Makes `n` (already marked done with state `st`) signal its fd, and marks
- * done every child registered with it, detaching them all.  Children that
- * this call marked, and that are still alive, are pushed on *work with a
- * reference taken.  A child whose count is already zero is being freed (it
- * waits for our lock to unlink itself) and has no children of its own, since
- * every child holds a reference to its parent: it is skipped.  After-function
- * registrations that this call fired go on *fire.
+ * The cancel cascade: a depth-first walk that holds the lock of every node on
+ * the path from the cancelled node down to the one it is visiting, as Go
+ * holds each cancelCtx's mutex while it cancels that node's children.  So
+ * while a cascade is inside a node's subtree, it holds that node's lock; a
+ * second cascade that reaches the same node (already done, claimed by the
+ * first) takes and drops the lock, and thereby waits until the first one has
+ * finished the subtree: when ctx_cancel() returns, every descendant is done
+ * and its fd readable, whichever cascade did the work.
+ *
+ * Locks are only ever taken parent before child, and a cascade never takes a
+ * lock above its starting node, so cascades cannot deadlock.  No other path
+ * holds two node locks.  The walk needs no recursion and no allocation: a
+ * node's `next` is free once it is detached from its anchor's list, so it
+ * links the walk's stack, then the list of references to drop after every
+ * lock is released (dropping one may free the node, which locks its anchor).
+ *
+ * A child whose count is already zero is being freed: it waits for our lock
+ * to unlink itself, and has no children since every child holds a reference
+ * to its parent.  It is only detached.
  */
-static void cancel_node(struct ctxi_cancel *n, uint64_t st, struct ctxi_cancel **work,
-			struct ctxi_cancel **fire)
+static void cascade(struct ctxi_cancel *root, uint64_t st)
 {
-	ctxi_lock(&n->lock);
-	ctxi_fd_signal(n);
-	struct ctxi_cancel *ch = n->children;
-	n->children = NULL;
-	while (ch) {
-		struct ctxi_cancel *next = ch->next;
+	struct ctxi_cancel *top = root, *drop = NULL, *fire = NULL;
+	/* The caller holds root's lock and has set root's state. */
+	ctxi_fd_signal(root);
+	/* root->next still links root in its anchor's list: the stack link of
+	 * a visited node is only read below the root. */
+	while (top) {
+		struct ctxi_cancel *n = top;
+		struct ctxi_cancel *ch = n->children;
+		if (!ch) { /* subtree finished: pop */
+			top = n == root ? NULL : n->next;
+			if (n != root) {
+				ctxi_unlock(&n->lock);
+				n->next = drop;
+				drop = n;
+			}
+			continue;
+		}
+		n->children = ch->next;
+		if (ch->next)
+			ch->next->pprev = &n->children;
 		ch->pprev = NULL;
 		ch->next = NULL;
 		/* ctxi_state() first: a child whose own deadline has passed
@@ -115,37 +140,31 @@ static void cancel_node(struct ctxi_cancel *n, uint64_t st, struct ctxi_cancel *
 		 * descendants' deadlines are no later, so they need no visit. */
 		uint64_t cur = ctxi_state(ch);
 		if (!cur && atomic_compare_exchange_strong_explicit(&ch->state, &cur, st,
-								    memory_order_acq_rel,
+								    memory_order_seq_cst,
 								    memory_order_acquire)) {
 			if (ch->base.kind == CTXI_AFTER) {
-				ch->next = *fire;
-				*fire = ch;
+				ch->next = fire;
+				fire = ch;
 			} else if (ref_if_live(&ch->base)) {
-				ch->next = *work;
-				*work = ch;
+				ctxi_lock(&ch->lock);
+				ctxi_fd_signal(ch);
+				ch->next = n; /* the stack: back to the parent */
+				top = ch;
 			}
+		} else if (ch->base.kind != CTXI_AFTER && ref_if_live(&ch->base)) {
+			/* Done already: if another cascade claimed it, it holds
+			 * the child's lock until the child's subtree is done. */
+			ctxi_lock(&ch->lock);
+			ctxi_unlock(&ch->lock);
+			ch->next = drop;
+			drop = ch;
 		}
-		ch = next;
 	}
-	ctxi_unlock(&n->lock);
-}
-
-/*
- * The cascade holds one lock at a time and keeps its own work list instead of
- * recursing, so a deep chain cannot overflow the stack and no two node locks
- * are ever held together.  A context created under a node while the cascade
- * runs either sees the node's state already done (it is born done) or is in
- * the list when the cascade takes the node's lock.
- */
-static void cascade(struct ctxi_cancel *root, uint64_t st)
-{
-	struct ctxi_cancel *work = NULL, *fire = NULL;
-	cancel_node(root, st, &work, &fire);
-	while (work) {
-		struct ctxi_cancel *n = work;
-		work = n->next;
+	ctxi_unlock(&root->lock);
+	while (drop) {
+		struct ctxi_cancel *n = drop;
+		drop = n->next;
 		n->next = NULL;
-		cancel_node(n, st, &work, &fire);
 		ctx_unref(&n->base);
 	}
 	if (fire)
@@ -157,15 +176,19 @@ int ctx_cancel_cause(ctx_t *c, int cause)
 	if (!c || !ctxi_cancellable(c))
 		return EINVAL;
 	struct ctxi_cancel *n = (struct ctxi_cancel *)c;
-	uint64_t cur = ctxi_state(n); /* latches a passed deadline first */
-	if (cur)
-		return EALREADY;
 	uint64_t st = ctxi_mkstate(ECANCELED, cause ? cause : ECANCELED);
+	/* The lock is taken before the state is claimed, so that a concurrent
+	 * cascade from an ancestor that finds this node done waits for ours. */
+	ctxi_lock(&n->lock);
+	uint64_t cur = ctxi_state(n); /* latches a passed deadline first */
 	/* seq_cst: lib/wait.c's fd-less waiters pair with this store. */
-	if (!atomic_compare_exchange_strong_explicit(&n->state, &cur, st, memory_order_seq_cst,
-						     memory_order_acquire))
+	if (cur || !atomic_compare_exchange_strong_explicit(&n->state, &cur, st,
+							    memory_order_seq_cst,
+							    memory_order_acquire)) {
+		ctxi_unlock(&n->lock);
 		return EALREADY;
-	cascade(n, st);
+	}
+	cascade(n, st); /* unlocks n */
 	ctxi_unlink(n); /* a cancelled child holds no memory in its parent */
 	ctxi_wake_nofd_waiters();
 	return 0;

@@ -54,4 +54,63 @@ static inline int open_fd_count(void)
 	return n - 1; /* the DIR's own fd */
 }
 
+/* ---- threads: bounded joins, "is it really blocked?" ---- */
+
+#include <fcntl.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/types.h>
+#include <unistd.h>
+
+/* An fd on thread `tid`'s /proc stat file, for thread_blocked_within();
+ * opened ahead, so that the check still works once the process is out of
+ * fds.  -1 on failure. */
+static inline int thread_stat_open(pid_t tid)
+{
+	char path[64];
+	snprintf(path, sizeof(path), "/proc/self/task/%d/stat", (int)tid);
+	return open(path, O_RDONLY | O_CLOEXEC);
+}
+
+/* The scheduler state ('R', 'S', ...) read from a thread_stat_open() fd, or
+ * 0 if the thread is gone. */
+static inline char thread_state(int statfd)
+{
+	char buf[512];
+	ssize_t n = pread(statfd, buf, sizeof(buf) - 1, 0);
+	if (n <= 0)
+		return 0;
+	buf[n] = 0;
+	char *p = strrchr(buf, ')'); /* the command name may hold spaces */
+	return p && p[1] == ' ' ? p[2] : 0;
+}
+
+/* true once the thread is seen asleep in the kernel ('S') on two checks a
+ * millisecond apart, within timeout_ms: it is blocked, not passing by. */
+static inline bool thread_blocked_within(int statfd, int timeout_ms)
+{
+	int64_t end = now_ns() + (int64_t)timeout_ms * CTX_MSEC;
+	int seen = 0;
+	while (now_ns() < end) {
+		seen = thread_state(statfd) == 'S' ? seen + 1 : 0;
+		if (seen == 2)
+			return true;
+		struct timespec ms = {.tv_nsec = CTX_MSEC};
+		nanosleep(&ms, NULL);
+	}
+	return false;
+}
+
+/* pthread_join() with a bound: true if the thread ended and was joined. */
+static inline bool joined_within(pthread_t t, int timeout_ms)
+{
+	struct timespec at;
+	clock_gettime(CLOCK_REALTIME, &at); /* the clock pthread_timedjoin_np uses */
+	int64_t ns = at.tv_nsec + (int64_t)(timeout_ms % 1000) * CTX_MSEC;
+	at.tv_sec += timeout_ms / 1000 + ns / CTX_SEC;
+	at.tv_nsec = ns % CTX_SEC;
+	return pthread_timedjoin_np(t, NULL, &at) == 0;
+}
+
 #endif
