@@ -118,12 +118,13 @@ demo: deps
 ASAN := -fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=all
 TSAN := -fsanitize=thread
 
+# The suites build with -Werror: a warning is a failure here, not in users' builds.
 check: deps
-	$(MAKE) --no-print-directory check-run
+	$(MAKE) --no-print-directory check-run WERROR=1
 	$(MAKE) --no-print-directory check-abi check-install
 	$(B)/examples/demo > /dev/null && echo "check: examples/demo ran clean"
-	$(MAKE) --no-print-directory check-run B=build/asan OPT=-O1 SAN="$(ASAN)"
-	$(MAKE) --no-print-directory check-run B=build/tsan OPT=-O1 SAN="$(TSAN)" TEST_SHIM=1
+	$(MAKE) --no-print-directory check-run WERROR=1 B=build/asan OPT=-O1 SAN="$(ASAN)"
+	$(MAKE) --no-print-directory check-run WERROR=1 B=build/tsan OPT=-O1 SAN="$(TSAN)" TEST_SHIM=1
 	@echo "check: all suites passed (plain, asan+ubsan, tsan)"
 
 check-build: all $(TESTS)

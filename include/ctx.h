@@ -220,23 +220,33 @@ bool ctx_after_stop_wait(ctx_after_t *stop);
  *
  * Each call below waits on the context's fd next to the caller's, so a
  * context that becomes done ends the wait at once.  A context that is
- * already done fails at once without touching the caller's fd.  EINTR is
- * retried.  The I/O calls work on blocking and non-blocking fds alike.
+ * already done fails at once without touching the caller's fd.  The I/O
+ * calls work on blocking and non-blocking fds alike.  When the caller's fd
+ * and the context become ready together, the fd wins: data is never lost.
  *
  * Partial transfers: a call returns as soon as some data moved, so a short
  * count is normal; the bytes it reports were transferred even if the
  * context became done meanwhile.  Data moved by an earlier call is never
  * taken back by a later failure.
  *
- * Blocking fds shared between threads: the library waits for readiness,
- * then makes the call; if another thread consumes the readiness first, a
- * read/accept on a *blocking* fd would block in the kernel where the
- * context cannot reach it.  The library avoids that where Linux allows
- * (MSG_DONTWAIT for sockets, RWF_NOWAIT for reads); otherwise, share only
- * non-blocking fds between threads.
+ * Blocking fds: the library tries the call without blocking first
+ * (MSG_DONTWAIT for sockets, RWF_NOWAIT for read/write on pipes, sockets
+ * and eventfds), and otherwise waits for readiness in poll, next to the
+ * context's fd, before making the call.  Two cases can still block in the
+ * kernel where the context cannot reach them: (1) a blocking fd shared with
+ * other threads, when another thread consumes the readiness between the
+ * poll and the call (accept, or read on a pty or named FIFO); (2) a write on
+ * a blocking pty or named FIFO larger than the free space (no RWF_NOWAIT
+ * there).  Use non-blocking fds in those cases.  Regular files and block
+ * devices get the plain call: they block only on the disk.
  *
- * If the process is out of fds, ctx_wait() and ctx_sleep() still work
- * (they fall back to a futex); the I/O calls fail with the ctx_fd() error.
+ * If the process is out of fds, ctx_wait() and ctx_sleep() still work (they
+ * fall back to a futex).  The other calls create the context's fd only when
+ * they have to wait: one that can proceed at once succeeds; one that must
+ * wait fails with the ctx_fd() errno (EMFILE, ENFILE, ENOMEM).
+ *
+ * EINTR is retried, so a signal no longer interrupts these calls: cancel a
+ * context from the signal's handler thread (or a signalfd loop) instead.
  */
 
 /* Blocks until `ctx` is done; returns its err (ECANCELED or ETIMEDOUT), or
@@ -267,9 +277,12 @@ ssize_t ctx_send(ctx_t *ctx, int fd, const void *buf, size_t len, int flags);
 int ctx_accept(ctx_t *ctx, int fd, struct sockaddr *addr, socklen_t *addrlen, int flags);
 
 /* connect(2) that ends when the connection completes, fails, or `ctx` is
- * done (its deadline included).  On a blocking socket the library makes it
- * non-blocking for the duration of the call and restores its flags.  After
- * a cancelled connect the socket is in an unspecified state: close it. */
+ * done (its deadline included).  On a blocking socket the library sets
+ * O_NONBLOCK for the duration of the call and then restores the flags; the
+ * flag lives on the open file, so dup()ed copies see it meanwhile.  An
+ * AF_UNIX listener with a full backlog is retried until it has room or the
+ * context is done.  After a cancelled connect the socket is in an
+ * unspecified state: close it. */
 int ctx_connect(ctx_t *ctx, int fd, const struct sockaddr *addr, socklen_t addrlen);
 
 #ifdef __cplusplus
