@@ -236,8 +236,10 @@ void ctxi_after_fire(struct ctxi_cancel *list)
 		*runq_tail = a;
 		runq_tail = &a->qnext;
 	}
-	pthread_cond_signal(&wake);
 	pthread_mutex_unlock(&lk);
+	/* Signalled after the unlock, so the thread does not wake only to
+	 * block on lk. */
+	pthread_cond_signal(&wake);
 }
 
 int ctx_after_func(ctx_t *ctx, void (*fn)(void *), void *arg, ctx_after_t **stop)
@@ -282,13 +284,8 @@ int ctx_after_func(ctx_t *ctx, void (*fn)(void *), void *arg, ctx_after_t **stop
 
 	ctxi_lock(&anchor->lock);
 	bool done = ctxi_state(anchor) != 0;
-	if (!done) {
-		a->node.next = anchor->children;
-		if (a->node.next)
-			a->node.next->pprev = &a->node.next;
-		a->node.pprev = &anchor->children;
-		anchor->children = &a->node;
-	}
+	if (!done)
+		ctxi_link(anchor, &a->node);
 	ctxi_unlock(&anchor->lock);
 
 	if (done) {
@@ -304,10 +301,11 @@ int ctx_after_func(ctx_t *ctx, void (*fn)(void *), void *arg, ctx_after_t **stop
 			heap_len++;
 			heap_set(heap_len - 1, a);
 			heap_fix(heap_len - 1);
-			if (heap[0] == a)
-				pthread_cond_signal(&wake);
 		}
+		bool earliest = heap_len && heap[0] == a;
 		pthread_mutex_unlock(&lk);
+		if (earliest)
+			pthread_cond_signal(&wake);
 	}
 	if (stop)
 		*stop = a;

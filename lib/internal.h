@@ -40,6 +40,11 @@ struct ctx {
 	_Atomic uint32_t refs; /* unused on CTXI_ROOT */
 	uint8_t kind;
 	uint8_t flags;
+	/* Cancellable nodes: 1 while in the anchor's children list.  Set under
+	 * the anchor's lock before the node is shared; cleared (release) only
+	 * once nothing will touch the node through the list any more, so that
+	 * ctxi_unlink() can skip the anchor's lock when it reads 0 (acquire). */
+	_Atomic uint8_t linked;
 	ctx_t *parent; /* holds a reference; NULL on roots */
 };
 
@@ -194,6 +199,7 @@ static inline void *ctxi_alloc(size_t n)
 }
 
 /* lib/tree.c */
+void ctxi_link(struct ctxi_cancel *anchor, struct ctxi_cancel *c); /* under anchor's lock */
 void ctxi_unlink(struct ctxi_cancel *c); /* from its anchor's list, if there */
 
 /* lib/after.c: hands registrations fired by a cancel cascade (linked through

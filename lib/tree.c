@@ -35,12 +35,22 @@ static bool ref_if_live(ctx_t *c)
 	return false;
 }
 
+void ctxi_link(struct ctxi_cancel *anchor, struct ctxi_cancel *c)
+{
+	c->next = anchor->children;
+	if (c->next)
+		c->next->pprev = &c->next;
+	c->pprev = &anchor->children;
+	anchor->children = c;
+	atomic_store_explicit(&c->base.linked, 1, memory_order_relaxed);
+}
+
 /* Removes `c` from its anchor's children list, if it is still there. */
 void ctxi_unlink(struct ctxi_cancel *c)
 {
+	if (!atomic_load_explicit(&c->base.linked, memory_order_acquire))
+		return; /* a cascade detached it and is done with it */
 	struct ctxi_cancel *anchor = ctxi_anchor(c->base.parent);
-	if (!anchor)
-		return;
 	ctxi_lock(&anchor->lock);
 	if (c->pprev) {
 		*c->pprev = c->next;
@@ -49,6 +59,7 @@ void ctxi_unlink(struct ctxi_cancel *c)
 		c->pprev = NULL;
 		c->next = NULL;
 	}
+	atomic_store_explicit(&c->base.linked, 0, memory_order_relaxed);
 	ctxi_unlock(&anchor->lock);
 }
 
@@ -159,6 +170,9 @@ static void cascade(struct ctxi_cancel *root, uint64_t st)
 			ch->next = drop;
 			drop = ch;
 		}
+		/* Last touch of a child we hold no reference to: from here on
+		 * its free path need not wait for n's lock. */
+		atomic_store_explicit(&ch->base.linked, 0, memory_order_release);
 	}
 	ctxi_unlock(&root->lock);
 	while (drop) {
@@ -240,6 +254,7 @@ static ctx_t *new_cancel(ctx_t *parent, int64_t own, int own_cause)
 		return NULL;
 	n->base = (struct ctx){.kind = timed ? CTXI_TIMED : CTXI_CANCEL, .parent = ctx_ref(parent)};
 	atomic_init(&n->base.refs, 1);
+	atomic_init(&n->base.linked, 0);
 	atomic_init(&n->state, 0);
 	atomic_init(&n->fd, -1);
 	atomic_init(&n->lock, 0);
@@ -250,24 +265,19 @@ static ctx_t *new_cancel(ctx_t *parent, int64_t own, int own_cause)
 		t->deadline = deadline;
 		t->dcause = dcause;
 	}
-	/* As in Go, a parent that is already done wins over a deadline that
-	 * has already passed: the child reports the parent's err and cause. */
-	if (anchor)
+	/* A child of a done parent is born done with the parent's err and
+	 * cause.  A deadline that has already passed needs no special case:
+	 * ctxi_state() latches ETIMEDOUT at the first look, and as in Go a done
+	 * parent wins over it. */
+	if (anchor) {
 		ctxi_lock(&anchor->lock);
-	uint64_t st = anchor ? ctxi_state(anchor) : 0;
-	if (!st && timed && ctxi_now() >= deadline)
-		st = ctxi_mkstate(ETIMEDOUT, dcause);
-	if (st) {
-		atomic_store_explicit(&n->state, st, memory_order_relaxed);
-	} else if (anchor) {
-		n->next = anchor->children;
-		if (n->next)
-			n->next->pprev = &n->next;
-		n->pprev = &anchor->children;
-		anchor->children = n;
-	}
-	if (anchor)
+		uint64_t st = ctxi_state(anchor);
+		if (st)
+			atomic_store_explicit(&n->state, st, memory_order_relaxed);
+		else
+			ctxi_link(anchor, n);
 		ctxi_unlock(&anchor->lock);
+	}
 	return &n->base;
 }
 

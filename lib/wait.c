@@ -6,9 +6,11 @@
  *
  * Why it cannot miss a wake-up: a waiter announces itself (nofd_waiters),
  * reads the sequence, then checks the context.  A canceller marks the
- * context, bumps the sequence, then reads nofd_waiters.  All four are
- * seq_cst, so either the waiter sees the context done, or its futex_wait
- * sees a changed sequence, or the canceller sees the waiter and wakes it.
+ * context (and its descendants), then reads nofd_waiters, and only if
+ * someone waits bumps the sequence and wakes.  All of these are seq_cst: if
+ * the waiter's check misses the mark, its announcement precedes the
+ * canceller's read (which sees it) and its sequence read precedes the bump
+ * (so its futex_wait either sees the change or is woken).
  */
 #include "internal.h"
 
@@ -19,9 +21,19 @@ static _Atomic uint32_t nofd_waiters;
 
 void ctxi_wake_nofd_waiters(void)
 {
+	if (!atomic_load_explicit(&nofd_waiters, memory_order_seq_cst))
+		return;
 	atomic_fetch_add_explicit(&nofd_seq, 1, memory_order_seq_cst);
-	if (atomic_load_explicit(&nofd_waiters, memory_order_seq_cst))
-		syscall(SYS_futex, &nofd_seq, FUTEX_WAKE_PRIVATE, INT_MAX, NULL, NULL, 0);
+	syscall(SYS_futex, &nofd_seq, FUTEX_WAKE_PRIVATE, INT_MAX, NULL, NULL, 0);
+}
+
+/* The waiter's look at the state: seq_cst, to pair with the cancel's CAS. */
+static int err_now(struct ctxi_cancel *anchor)
+{
+	if (!anchor)
+		return 0;
+	uint64_t s = atomic_load_explicit(&anchor->state, memory_order_seq_cst);
+	return ctxi_state_err(s ? s : ctxi_state(anchor));
 }
 
 int ctxi_wait_nofd(ctx_t *ctx, int64_t until)
@@ -36,7 +48,7 @@ int ctxi_wait_nofd(ctx_t *ctx, int64_t until)
 	atomic_fetch_add_explicit(&nofd_waiters, 1, memory_order_seq_cst);
 	for (;;) {
 		uint32_t seq = atomic_load_explicit(&nofd_seq, memory_order_seq_cst);
-		if (anchor && (err = ctxi_state_err(ctxi_state(anchor))))
+		if ((err = err_now(anchor)))
 			break;
 		struct timespec rel, *timeout = NULL;
 		if (until != CTXI_NEVER) {
@@ -44,7 +56,7 @@ int ctxi_wait_nofd(ctx_t *ctx, int64_t until)
 			if (left <= 0) {
 				/* At the context's own deadline ctxi_state() now
 				 * latches ETIMEDOUT. */
-				err = anchor ? ctxi_state_err(ctxi_state(anchor)) : 0;
+				err = err_now(anchor);
 				break;
 			}
 			rel = ctxi_ts(left);
