@@ -118,7 +118,9 @@ static inline struct timespec ctxi_ts(int64_t ns)
  */
 static inline uint64_t ctxi_state(struct ctxi_cancel *c)
 {
-	uint64_t s = atomic_load_explicit(&c->state, memory_order_acquire);
+	/* seq_cst (a plain load on x86, ldar on arm64, as acquire is): the
+	 * cascade's leaf fast path in lib/tree.c pairs with it. */
+	uint64_t s = atomic_load_explicit(&c->state, memory_order_seq_cst);
 	if (s || c->base.kind != CTXI_TIMED)
 		return s;
 	const struct ctxi_timed *t = (const struct ctxi_timed *)c;
@@ -156,24 +158,27 @@ static inline void ctxi_futex(_Atomic uint32_t *addr, int op, uint32_t val)
 	syscall(SYS_futex, addr, op | FUTEX_PRIVATE_FLAG, val, NULL, NULL, 0);
 }
 
+/* Acquiring is seq_cst (free on x86, where every locked instruction is a
+ * full barrier): the cascade's leaf fast path reads a node's lock word after
+ * marking it done, and relies on a locker that comes later seeing the mark. */
 static inline void ctxi_lock(_Atomic uint32_t *l)
 {
 	uint32_t c = 0;
-	if (atomic_compare_exchange_strong_explicit(l, &c, 1, memory_order_acquire,
+	if (atomic_compare_exchange_strong_explicit(l, &c, 1, memory_order_seq_cst,
 						    memory_order_relaxed))
 		return;
 	for (int spin = 0; spin < 100 && c != 0; spin++) {
 		ctxi_cpu_relax();
 		c = atomic_load_explicit(l, memory_order_relaxed);
 		if (c == 0 && atomic_compare_exchange_weak_explicit(
-				      l, &c, 1, memory_order_acquire, memory_order_relaxed))
+				      l, &c, 1, memory_order_seq_cst, memory_order_relaxed))
 			return;
 	}
 	if (c != 2)
-		c = atomic_exchange_explicit(l, 2, memory_order_acquire);
+		c = atomic_exchange_explicit(l, 2, memory_order_seq_cst);
 	while (c != 0) {
 		ctxi_futex(l, FUTEX_WAIT, 2);
-		c = atomic_exchange_explicit(l, 2, memory_order_acquire);
+		c = atomic_exchange_explicit(l, 2, memory_order_seq_cst);
 	}
 }
 

@@ -35,13 +35,21 @@ static bool ref_if_live(ctx_t *c)
 	return false;
 }
 
+/* Stores into a list link that may be a node's `children` head, which
+ * quiet_leaf() reads without the lock: relaxed atomic, so that read is not a
+ * data race.  Every other access happens under the anchor's lock. */
+static inline void set_link(struct ctxi_cancel **slot, struct ctxi_cancel *v)
+{
+	__atomic_store_n(slot, v, __ATOMIC_RELAXED);
+}
+
 void ctxi_link(struct ctxi_cancel *anchor, struct ctxi_cancel *c)
 {
 	c->next = anchor->children;
 	if (c->next)
 		c->next->pprev = &c->next;
 	c->pprev = &anchor->children;
-	anchor->children = c;
+	set_link(&anchor->children, c);
 	atomic_store_explicit(&c->base.linked, 1, memory_order_relaxed);
 }
 
@@ -53,7 +61,7 @@ void ctxi_unlink(struct ctxi_cancel *c)
 	struct ctxi_cancel *anchor = ctxi_anchor(c->base.parent);
 	ctxi_lock(&anchor->lock);
 	if (c->pprev) {
-		*c->pprev = c->next;
+		set_link(c->pprev, c->next);
 		if (c->next)
 			c->next->pprev = c->pprev;
 		c->pprev = NULL;
@@ -102,6 +110,23 @@ void ctx_unref(ctx_t *c)
 /* Cancellation */
 
 /*
+ * True if `c`, which the caller has just marked done, has no children, no fd
+ * and nobody inside its lock: then there is nothing to visit, and no lock or
+ * reference to take.  Whoever adds a child or creates the fd does it under
+ * c's lock after reading c's state.  If that locker took the lock before our
+ * read of the lock word, we see it held, or see it released and (acquire)
+ * its changes; if after, the seq_cst order (our state CAS, our lock-word
+ * load, its lock CAS, its state load) makes it see c done, so it adds
+ * nothing and creates an fd that is born readable.
+ */
+static bool quiet_leaf(struct ctxi_cancel *c)
+{
+	return atomic_load_explicit(&c->lock, memory_order_seq_cst) == 0 &&
+	       !__atomic_load_n(&c->children, __ATOMIC_RELAXED) &&
+	       atomic_load_explicit(&c->fd, memory_order_acquire) < 0;
+}
+
+/*
  * The cancel cascade: a depth-first walk that holds the lock of every node on
  * the path from the cancelled node down to the one it is visiting, as Go
  * holds each cancelCtx's mutex while it cancels that node's children.  So
@@ -141,7 +166,7 @@ static void cascade(struct ctxi_cancel *root, uint64_t st)
 			}
 			continue;
 		}
-		n->children = ch->next;
+		set_link(&n->children, ch->next);
 		if (ch->next)
 			ch->next->pprev = &n->children;
 		ch->pprev = NULL;
@@ -156,6 +181,8 @@ static void cascade(struct ctxi_cancel *root, uint64_t st)
 			if (ch->base.kind == CTXI_AFTER) {
 				ch->next = fire;
 				fire = ch;
+			} else if (quiet_leaf(ch)) {
+				/* nothing below it, no fd: nothing to visit */
 			} else if (ref_if_live(&ch->base)) {
 				ctxi_lock(&ch->lock);
 				ctxi_fd_signal(ch);
