@@ -129,15 +129,20 @@ static bool quiet_leaf(struct ctxi_cancel *c)
 /*
  * The cancel cascade: a depth-first walk that holds the lock of every node on
  * the path from the cancelled node down to the one it is visiting, as Go
- * holds each cancelCtx's mutex while it cancels that node's children.  So
- * while a cascade is inside a node's subtree, it holds that node's lock; a
- * second cascade that reaches the same node (already done, claimed by the
- * first) takes and drops the lock, and thereby waits until the first one has
- * finished the subtree: when ctx_cancel() returns, every descendant is done
- * and its fd readable, whichever cascade did the work.
+ * holds each cancelCtx's mutex while it cancels that node's children.  Each
+ * child is marked with its parent's state (err and cause are inherited).
  *
- * Locks are only ever taken parent before child, and a cascade never takes a
- * lock above its starting node, so cascades cannot deadlock.  No other path
+ * A walk that meets a child already cancelled by someone else (an explicit
+ * ctx_cancel() of that child, whose own walk may not have started or may be
+ * under way) walks that child's subtree too, with the child's state: it takes
+ * the child's lock, so it waits for a walk already inside that subtree, and
+ * finds there only what is left to do.  So when ctx_cancel() returns, every
+ * descendant is done and its fd readable, whichever thread did the work.  A
+ * child done by its own deadline needs no walk: its descendants' deadlines
+ * are no later, so they are done too (ctxi_state() latches them).
+ *
+ * Locks are only ever taken parent before child, and a walk never takes a
+ * lock above its starting node, so walks cannot deadlock.  No other path
  * holds two node locks.  The walk needs no recursion and no allocation: a
  * node's `next` is free once it is detached from its anchor's list, so it
  * links the walk's stack, then the list of references to drop after every
@@ -147,10 +152,10 @@ static bool quiet_leaf(struct ctxi_cancel *c)
  * to unlink itself, and has no children since every child holds a reference
  * to its parent.  It is only detached.
  */
-static void cascade(struct ctxi_cancel *root, uint64_t st)
+static void cascade(struct ctxi_cancel *root)
 {
 	struct ctxi_cancel *top = root, *drop = NULL, *fire = NULL;
-	/* The caller holds root's lock and has set root's state. */
+	/* The caller holds root's lock, and root is done. */
 	ctxi_fd_signal(root);
 	/* root->next still links root in its anchor's list: the stack link of
 	 * a visited node is only read below the root. */
@@ -172,30 +177,29 @@ static void cascade(struct ctxi_cancel *root, uint64_t st)
 		ch->pprev = NULL;
 		ch->next = NULL;
 		/* ctxi_state() first: a child whose own deadline has passed
-		 * unobserved was done by that deadline, not by this cancel.  Its
-		 * descendants' deadlines are no later, so they need no visit. */
+		 * unobserved was done by that deadline, not by this cancel. */
 		uint64_t cur = ctxi_state(ch);
-		if (!cur && atomic_compare_exchange_strong_explicit(&ch->state, &cur, st,
+		bool visit = false;
+		if (!cur) {
+			uint64_t st = atomic_load_explicit(&n->state, memory_order_relaxed);
+			if (atomic_compare_exchange_strong_explicit(&ch->state, &cur, st,
 								    memory_order_seq_cst,
 								    memory_order_acquire)) {
-			if (ch->base.kind == CTXI_AFTER) {
-				ch->next = fire;
-				fire = ch;
-			} else if (quiet_leaf(ch)) {
-				/* nothing below it, no fd: nothing to visit */
-			} else if (ref_if_live(&ch->base)) {
-				ctxi_lock(&ch->lock);
-				ctxi_fd_signal(ch);
-				ch->next = n; /* the stack: back to the parent */
-				top = ch;
+				if (ch->base.kind == CTXI_AFTER) {
+					ch->next = fire;
+					fire = ch;
+				} else {
+					visit = !quiet_leaf(ch);
+				}
 			}
-		} else if (ch->base.kind != CTXI_AFTER && ref_if_live(&ch->base)) {
-			/* Done already: if another cascade claimed it, it holds
-			 * the child's lock until the child's subtree is done. */
+		}
+		if (cur && ch->base.kind != CTXI_AFTER && ctxi_state_err(cur) == ECANCELED)
+			visit = !quiet_leaf(ch); /* cancelled by another thread: help */
+		if (visit && ref_if_live(&ch->base)) {
 			ctxi_lock(&ch->lock);
-			ctxi_unlock(&ch->lock);
-			ch->next = drop;
-			drop = ch;
+			ctxi_fd_signal(ch);
+			ch->next = n; /* the stack: back to the parent */
+			top = ch;
 		}
 		/* Last touch of a child we hold no reference to: from here on
 		 * its free path need not wait for n's lock. */
@@ -217,19 +221,17 @@ int ctx_cancel_cause(ctx_t *c, int cause)
 	if (!c || !ctxi_cancellable(c))
 		return EINVAL;
 	struct ctxi_cancel *n = (struct ctxi_cancel *)c;
-	uint64_t st = ctxi_mkstate(ECANCELED, cause ? cause : ECANCELED);
-	/* The lock is taken before the state is claimed, so that a concurrent
-	 * cascade from an ancestor that finds this node done waits for ours. */
-	ctxi_lock(&n->lock);
 	uint64_t cur = ctxi_state(n); /* latches a passed deadline first */
-	/* seq_cst: lib/wait.c's fd-less waiters pair with this store. */
+	uint64_t st = ctxi_mkstate(ECANCELED, cause ? cause : ECANCELED);
+	/* seq_cst: quiet_leaf() and lib/wait.c's fd-less waiters pair with it. */
 	if (cur || !atomic_compare_exchange_strong_explicit(&n->state, &cur, st,
 							    memory_order_seq_cst,
-							    memory_order_acquire)) {
-		ctxi_unlock(&n->lock);
+							    memory_order_acquire))
 		return EALREADY;
+	if (!quiet_leaf(n)) {
+		ctxi_lock(&n->lock);
+		cascade(n); /* unlocks n */
 	}
-	cascade(n, st); /* unlocks n */
 	ctxi_unlink(n); /* a cancelled child holds no memory in its parent */
 	ctxi_wake_nofd_waiters();
 	return 0;
