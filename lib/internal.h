@@ -6,9 +6,13 @@
  *
  * Locking.  Every cancellable node has one small futex lock (ctxi_lock).  It
  * guards that node's children list, the list links (next, pprev) of the
- * children registered with it, and the creation of its fd.  No code path ever
- * holds two of these locks at once, so there is no lock order to respect: the
- * cancel cascade takes one node's lock at a time (see lib/tree.c).
+ * children registered with it, and the creation of its fd.
+ *
+ * Lock order: parent before child, down one path of the tree.  Only the
+ * cancel cascade holds more than one node lock (the locks of the path from
+ * the cancelled node to the node it visits, see lib/tree.c); every other path
+ * holds at most one.  The after-function lock (lib/after.c) is never held
+ * with a node lock.
  */
 #ifndef CTX_INTERNAL_H
 #define CTX_INTERNAL_H
