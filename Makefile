@@ -1,7 +1,7 @@
 # ctx — see README.md.
 #
 #   make            libctx.so.0, libctx.a and the examples, in build/
-#   make demo       build, then run examples/demo
+#   make demo       build, then run examples/demo and examples/blocking_read
 #   make check      the test suites: plain, ASan+UBSan, TSan (separate builds)
 #   make install    PREFIX=/usr/local DESTDIR= ; make uninstall
 #   make bench      ctx against Go, GLib and the raw system calls (QUICK=1: short)
@@ -112,8 +112,10 @@ deps:
 # Demo and tests
 
 demo: deps
-	$(MAKE) --no-print-directory $(B)/examples/demo
+	$(MAKE) --no-print-directory $(B)/examples/demo $(B)/examples/blocking_read
 	$(B)/examples/demo
+	@echo; echo "== examples/blocking_read: a thread blocked in ctx_read, cancelled, then timed out"
+	$(B)/examples/blocking_read
 
 ASAN := -fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=all
 TSAN := -fsanitize=thread
@@ -122,7 +124,8 @@ TSAN := -fsanitize=thread
 check: deps
 	$(MAKE) --no-print-directory check-run WERROR=1
 	$(MAKE) --no-print-directory check-abi check-install
-	$(B)/examples/demo > /dev/null && echo "check: examples/demo ran clean"
+	$(B)/examples/demo > /dev/null && $(B)/examples/blocking_read > /dev/null && \
+		echo "check: examples demo and blocking_read ran clean"
 	$(MAKE) --no-print-directory check-run WERROR=1 B=build/asan OPT=-O1 SAN="$(ASAN)"
 	$(MAKE) --no-print-directory check-run WERROR=1 B=build/tsan OPT=-O1 SAN="$(TSAN)" TEST_SHIM=1
 	@echo "check: all suites passed (plain, asan+ubsan, tsan)"
