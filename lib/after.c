@@ -173,17 +173,23 @@ static void *loop(void *unused)
 	return NULL;
 }
 
-/* After fork() only the forking thread exists in the child: forget ours, and
- * re-create the lock state, so that the child starts a thread on demand. */
-static void atfork_child(void)
+/* The condition variables wait on CLOCK_MONOTONIC, the clock of deadlines. */
+static void init_conds(void)
 {
-	pthread_mutex_init(&lk, NULL);
 	pthread_condattr_t ca;
 	pthread_condattr_init(&ca);
 	pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
 	pthread_cond_init(&wake, &ca);
 	pthread_cond_init(&finished, NULL);
 	pthread_condattr_destroy(&ca);
+}
+
+/* After fork() only the forking thread exists in the child: forget ours, and
+ * re-create the lock state, so that the child starts a thread on demand. */
+static void atfork_child(void)
+{
+	pthread_mutex_init(&lk, NULL);
+	init_conds();
 	started = false;
 }
 
@@ -191,12 +197,7 @@ static pthread_once_t once = PTHREAD_ONCE_INIT;
 
 static void init_once(void)
 {
-	pthread_condattr_t ca;
-	pthread_condattr_init(&ca);
-	pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
-	pthread_cond_init(&wake, &ca);
-	pthread_cond_init(&finished, NULL);
-	pthread_condattr_destroy(&ca);
+	init_conds();
 	pthread_atfork(NULL, NULL, atfork_child);
 }
 
