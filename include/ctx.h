@@ -140,8 +140,12 @@ void *ctx_value(ctx_t *ctx, const void *key);
 /* ------------------------------------------------------------------------ */
 /* The file descriptor */
 
-/* A file descriptor that polls readable exactly when `ctx` is done, and then
- * stays readable.  Rules:
+/* A file descriptor that polls readable when `ctx` is done, and then stays
+ * readable.  It is never readable while ctx_err() still reports 0.  The other
+ * way round, ctx_err() may lead it by microseconds: a cancel marks the
+ * context done just before it writes the fd (both hold by the time
+ * ctx_cancel() returns), and at a deadline the kernel timer fires just after
+ * the clock passes it.  Rules:
  *   - The context owns it: never read, write or close it.  It is valid until
  *     the last reference to `ctx` is dropped; dup() it to keep it longer.
  *   - It is close-on-exec and non-blocking; repeated calls return the same fd.
@@ -205,14 +209,16 @@ typedef struct ctx_after ctx_after_t;
 int ctx_after_func(ctx_t *ctx, void (*fn)(void *), void *arg, ctx_after_t **stop);
 
 /* Stops a registration and frees the handle.  Returns true if this call
- * prevented fn from running; false if fn has already started or finished
- * (it does not wait for a running fn: see ctx_after_stop_wait()).  May be
- * called from inside fn itself. */
+ * prevented fn from running; false if it could not (fn is queued to run, is
+ * running, or has finished).  It does not wait for a running fn: see
+ * ctx_after_stop_wait().  May be called from inside fn itself. */
 bool ctx_after_stop(ctx_after_t *stop);
 
-/* As ctx_after_stop(), but if fn is running on the library thread, waits
- * until it has returned, so that the caller may free what fn uses.  Called
- * from inside fn itself it does not wait (that would never end). */
+/* As ctx_after_stop(), but if fn is queued or running on the library
+ * thread, waits until it has returned, so that the caller may free what fn
+ * uses.  Called from inside any after-function it does not wait (all of
+ * them run on the one library thread, so the wait would never end): there,
+ * a false result means fn may still be about to run. */
 bool ctx_after_stop_wait(ctx_after_t *stop);
 
 /* ------------------------------------------------------------------------ */

@@ -4,8 +4,10 @@
  *
  * A registration is a pseudo-child (kind CTXI_AFTER) in the children list of
  * the context's anchor, so the cancel cascade finds it like any child.  Its
- * `state` word decides, by CAS from 0, who owns its fate: the cascade or the
- * deadline timer (AFTER_FIRED: it will run) or ctx_after_stop() (AFTER_STOPPED).
+ * `state` word decides, by CAS from 0 (AFTER_ARMED), who owns its fate: the
+ * cascade (which writes the context's err << 32 | cause, as for any child) or
+ * the deadline timer (AFTER_FIRED): fn will run; or ctx_after_stop()
+ * (AFTER_STOPPED).  Any value but AFTER_ARMED means "fired or stopped".
  *
  * Deadlines: a registration on a context with a deadline also sits in a
  * min-heap; the thread sleeps on a condition variable until the earliest
@@ -45,9 +47,11 @@ static bool started;
 static pthread_t thread;
 static struct ctx_after *runq, **runq_tail = &runq;
 static struct ctx_after **heap;
-static int heap_len, heap_cap;
+static int heap_len, heap_cap, heap_reserved;
 
 static _Thread_local bool on_after_thread;
+
+void (*ctxi_after_linked_hook)(ctx_t *ctx);
 
 static void put(struct ctx_after *a)
 {
@@ -102,9 +106,11 @@ static bool heap_remove(struct ctx_after *a)
 	return true;
 }
 
+/* Room for one more entry beyond those in the heap and those reserved by
+ * registrations on their way in. */
 static bool heap_reserve(void)
 {
-	if (heap_len < heap_cap)
+	if (heap_len + heap_reserved < heap_cap)
 		return true;
 	int cap = heap_cap ? 2 * heap_cap : 64;
 	struct ctx_after **h = realloc(heap, (size_t)cap * sizeof(*h));
@@ -121,8 +127,8 @@ static void run(struct ctx_after *a)
 {
 	a->fn(a->arg);
 	/* The registration holds the context until fn has run, not until the
-	 * handle is stopped.  Nothing reads `parent` once the state is
-	 * AFTER_FIRED. */
+	 * handle is stopped.  Once fired, `parent` is read only by put(), after
+	 * the last reference (acq_rel) has gone. */
 	ctx_unref(a->node.base.parent);
 	a->node.base.parent = NULL;
 	pthread_mutex_lock(&lk);
@@ -184,8 +190,13 @@ static void init_conds(void)
 	pthread_condattr_destroy(&ca);
 }
 
-/* After fork() only the forking thread exists in the child: forget ours, and
- * re-create the lock state, so that the child starts a thread on demand. */
+/* fork() happens with lk held, so the run queue and the heap are whole in the
+ * child.  Only the forking thread exists there: forget ours and re-create
+ * the lock state, so that the child starts a thread on demand (at its next
+ * registration or cancel that fires one). */
+static void atfork_prepare(void) { pthread_mutex_lock(&lk); }
+static void atfork_parent(void) { pthread_mutex_unlock(&lk); }
+
 static void atfork_child(void)
 {
 	pthread_mutex_init(&lk, NULL);
@@ -198,7 +209,7 @@ static pthread_once_t once = PTHREAD_ONCE_INIT;
 static void init_once(void)
 {
 	init_conds();
-	pthread_atfork(NULL, NULL, atfork_child);
+	pthread_atfork(atfork_prepare, atfork_parent, atfork_child);
 }
 
 /* Under lk.  The thread blocks every signal: they belong to the program. */
@@ -221,10 +232,14 @@ static int start_thread(void)
 	return 0;
 }
 
-/* Queues registrations that their state already marks AFTER_FIRED. */
+/* Queues registrations whose state a cascade or ctx_after_func() has
+ * already moved off AFTER_ARMED. */
 void ctxi_after_fire(struct ctxi_cancel *list)
 {
 	pthread_mutex_lock(&lk);
+	/* Normally running already; not in a forked child that inherited
+	 * registrations.  If it cannot start, the next registration retries. */
+	start_thread();
 	while (list) {
 		struct ctx_after *a = (struct ctx_after *)list;
 		list = list->next;
@@ -271,10 +286,18 @@ int ctx_after_func(ctx_t *ctx, void (*fn)(void *), void *arg, ctx_after_t **stop
 	}
 	pthread_once(&once, init_once);
 	bool timed = anchor->base.kind == CTXI_TIMED;
+	if (timed)
+		a->deadline = ((struct ctxi_timed *)anchor)->deadline;
 	pthread_mutex_lock(&lk);
 	int err = start_thread();
-	if (!err && timed && !heap_reserve())
-		err = ENOMEM;
+	/* Reserve the heap slot now: once linked, the registration must not
+	 * fail for want of memory. */
+	if (!err && timed) {
+		if (heap_reserve())
+			heap_reserved++;
+		else
+			err = ENOMEM;
+	}
 	pthread_mutex_unlock(&lk);
 	if (err) {
 		if (stop)
@@ -283,33 +306,41 @@ int ctx_after_func(ctx_t *ctx, void (*fn)(void *), void *arg, ctx_after_t **stop
 		return err;
 	}
 
+	/* Our own reference while this call uses `a`: once it is linked, a
+	 * cancel may fire it, and the thread run fn and drop the rest. */
+	atomic_fetch_add_explicit(&a->refs, 1, memory_order_relaxed);
 	ctxi_lock(&anchor->lock);
 	bool done = ctxi_state(anchor) != 0;
 	if (!done)
 		ctxi_link(anchor, &a->node);
 	ctxi_unlock(&anchor->lock);
+	if (ctxi_after_linked_hook)
+		ctxi_after_linked_hook(ctx);
 
 	if (done) {
 		atomic_store(&a->node.state, AFTER_FIRED);
 		ctxi_after_fire(&a->node);
-	} else if (timed) {
-		a->deadline = ((struct ctxi_timed *)anchor)->deadline;
+	}
+	if (timed) {
+		bool earliest = false;
 		pthread_mutex_lock(&lk);
-		/* A cancel may have fired it since we linked it: then it needs
-		 * no timer. */
-		if (atomic_load(&a->node.state) == AFTER_ARMED && heap_reserve()) {
+		heap_reserved--;
+		/* Not if a cancel fired it since it was linked: then it needs
+		 * no timer (ctxi_after_fire() takes lk after its CAS). */
+		if (atomic_load(&a->node.state) == AFTER_ARMED) {
 			atomic_fetch_add_explicit(&a->refs, 1, memory_order_relaxed);
 			heap_len++;
 			heap_set(heap_len - 1, a);
 			heap_fix(heap_len - 1);
+			earliest = heap[0] == a;
 		}
-		bool earliest = heap_len && heap[0] == a;
 		pthread_mutex_unlock(&lk);
 		if (earliest)
 			pthread_cond_signal(&wake);
 	}
 	if (stop)
 		*stop = a;
+	put(a); /* ours */
 	return 0;
 }
 

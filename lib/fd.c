@@ -10,7 +10,8 @@
  *
  * Once a context is done its fd is never touched again except to make it more
  * readable: re-arming or reading a timerfd would clear its readiness for
- * every watcher.
+ * every watcher.  The one exception is the fallback for kernels without
+ * TFD_IOC_SET_TICKS (fire_timerfd), which re-arms a timer that has not fired.
  */
 #include "internal.h"
 
@@ -32,13 +33,15 @@ static void fire_timerfd(int fd)
 		uint64_t one = 1;
 		if (ioctl(fd, TFD_IOC_SET_TICKS, &one) == 0)
 			return;
-		if (errno != ENOTTY && errno != EINVAL)
-			return;
+		/* ENOTTY/EINVAL without CONFIG_CHECKPOINT_RESTORE; a seccomp
+		 * filter may say EPERM or ENOSYS.  Any failure is permanent. */
 		atomic_store_explicit(&ticks_work, 0, memory_order_relaxed);
 	}
 	/* Fallback: re-arm to an instant in the past ({0,0} would disarm).
 	 * Re-arming an expired timer clears its readiness for a moment, so
-	 * leave it alone if the deadline already fired it. */
+	 * leave it alone if the deadline already fired it.  If the deadline
+	 * fires between the poll and the settime, readiness blinks off until
+	 * the timer interrupt a moment later: the price of such kernels. */
 	struct pollfd p = {.fd = fd, .events = POLLIN};
 	if (poll(&p, 1, 0) == 1)
 		return;

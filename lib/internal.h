@@ -6,7 +6,10 @@
  *
  * Locking.  Every cancellable node has one small futex lock (ctxi_lock).  It
  * guards that node's children list, the list links (next, pprev) of the
- * children registered with it, and the creation of its fd.
+ * children registered with it, and the creation of its fd (fd, base.flags).
+ * Every locker reads the node's state after taking the lock, with ctxi_lock's
+ * seq_cst CAS and ctxi_state's seq_cst load: the cascade's quiet-leaf fast
+ * path depends on that (lib/tree.c), so keep both seq_cst.
  *
  * Lock order: parent before child, down one path of the tree.  Only the
  * cancel cascade holds more than one node lock (the locks of the path from
@@ -45,9 +48,10 @@ struct ctx {
 	uint8_t kind;
 	uint8_t flags;
 	/* Cancellable nodes: 1 while in the anchor's children list.  Set under
-	 * the anchor's lock before the node is shared; cleared (release) only
-	 * once nothing will touch the node through the list any more, so that
-	 * ctxi_unlink() can skip the anchor's lock when it reads 0 (acquire). */
+	 * the anchor's lock before the node is shared; cleared by a cascade
+	 * (release) only once it will not touch the node any more, or by
+	 * ctxi_unlink() under the anchor's lock; so ctxi_unlink() can skip the
+	 * anchor's lock when it reads 0 (acquire). */
 	_Atomic uint8_t linked;
 	ctx_t *parent; /* holds a reference; NULL on roots */
 };
@@ -206,6 +210,11 @@ static inline void *ctxi_alloc(size_t n)
 	}
 	return malloc(n);
 }
+
+/* A test hook: if set, ctx_after_func() calls it right after it has linked
+ * a registration, with the context, to let a test run a cancel in that
+ * window. */
+extern void (*ctxi_after_linked_hook)(ctx_t *ctx);
 
 /* lib/tree.c */
 void ctxi_link(struct ctxi_cancel *anchor, struct ctxi_cancel *c); /* under anchor's lock */

@@ -148,9 +148,10 @@ static bool quiet_leaf(struct ctxi_cancel *c)
  * links the walk's stack, then the list of references to drop after every
  * lock is released (dropping one may free the node, which locks its anchor).
  *
- * A child whose count is already zero is being freed: it waits for our lock
- * to unlink itself, and has no children since every child holds a reference
- * to its parent.  It is only detached.
+ * A child whose count is already zero is being freed: it has no children,
+ * since every child holds a reference to its parent, and it cannot be freed
+ * under us: its unlink waits for our lock until we clear its `linked` flag,
+ * our last touch of it.  It is only detached.
  */
 static void cascade(struct ctxi_cancel *root)
 {

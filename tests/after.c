@@ -9,6 +9,7 @@
 #include <unistd.h>
 
 #include "helpers.h"
+#include "internal.h"
 
 /* A probe counts runs and signals an eventfd that the test waits on. */
 struct probe {
@@ -480,4 +481,85 @@ Test(after, stop_and_cancel_race_to_a_consistent_outcome)
 	 * is accounted for exactly once. */
 	cr_assert_eq(atomic_load(&r.stopped) + atomic_load(&r.ran_total), T * 300);
 	ctx_unref(r.parent);
+}
+
+/* A fire-and-forget registration on a context with a deadline, whose context
+ * is cancelled, and whose fn runs and finishes, in the window right after
+ * ctx_after_func() has linked it (the internal test hook): the call must not
+ * touch the registration afterwards (the ASan build catches a use after
+ * free) and fn runs exactly once. */
+static struct probe *hook_probe;
+
+static void cancel_and_wait_for_fn(ctx_t *ctx)
+{
+	ctx_cancel(ctx);
+	cr_assert(probe_ran(hook_probe, 5000));
+}
+
+Test(after, fire_and_forget_survives_a_cancel_right_after_it_is_linked)
+{
+	struct probe p;
+	probe_init(&p);
+	hook_probe = &p;
+	ctxi_after_linked_hook = cancel_and_wait_for_fn;
+	ctx_t *c = ctx_with_timeout(ctx_background(), CTX_SEC);
+	cr_assert_eq(ctx_after_func(c, probe_fn, &p, NULL), 0);
+	ctxi_after_linked_hook = NULL;
+	cr_assert_eq(atomic_load(&p.runs), 1);
+	/* Nothing was left in the deadline heap: a later registration on a
+	 * short deadline still fires on time, and the first never again. */
+	struct probe q;
+	probe_init(&q);
+	ctx_t *d = ctx_with_timeout(ctx_background(), 10 * CTX_MSEC);
+	cr_assert_eq(ctx_after_func(d, probe_fn, &q, NULL), 0);
+	cr_assert(probe_ran(&q, 5000));
+	cr_assert_eq(atomic_load(&p.runs), 1);
+	ctx_unref(d);
+	ctx_unref(c);
+	probe_fini(&q);
+	probe_fini(&p);
+}
+
+/* Many of the same, raced for real by a cancel from another thread. */
+struct ff_race {
+	pthread_barrier_t bar;
+	ctx_t *c;
+	atomic_int ran;
+};
+
+static void ff_fn(void *arg) { atomic_fetch_add(&((struct ff_race *)arg)->ran, 1); }
+
+static void *ff_cancel(void *arg)
+{
+	struct ff_race *r = arg;
+	pthread_barrier_wait(&r->bar);
+	ctx_cancel(r->c);
+	return NULL;
+}
+
+Test(after, fire_and_forget_on_a_deadline_context_survives_a_racing_cancel)
+{
+	enum { ROUNDS = 2000 };
+	struct ff_race r = {.ran = 0};
+	pthread_barrier_init(&r.bar, NULL, 2);
+	for (int i = 0; i < ROUNDS; i++) {
+		r.c = ctx_with_timeout(ctx_background(), CTX_SEC);
+		pthread_t t;
+		cr_assert_eq(pthread_create(&t, NULL, ff_cancel, &r), 0);
+		pthread_barrier_wait(&r.bar);
+		cr_assert_eq(ctx_after_func(r.c, ff_fn, &r, NULL), 0);
+		pthread_join(t, NULL);
+		ctx_unref(r.c);
+	}
+	pthread_barrier_destroy(&r.bar);
+	/* Every registration runs once: its context was cancelled. */
+	struct probe p;
+	probe_init(&p);
+	ctx_t *c = ctx_with_cancel(ctx_background());
+	ctx_cancel(c);
+	cr_assert_eq(ctx_after_func(c, probe_fn, &p, NULL), 0);
+	cr_assert(probe_ran(&p, 10000)); /* runs after all queued before it */
+	cr_assert_eq(atomic_load(&r.ran), ROUNDS);
+	ctx_unref(c);
+	probe_fini(&p);
 }
