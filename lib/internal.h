@@ -98,7 +98,19 @@ static inline uint64_t ctxi_mkstate(int err, int cause)
 {
 	return (uint64_t)(uint32_t)err << 32 | (uint32_t)cause;
 }
-static inline int ctxi_state_err(uint64_t s) { return (int)(uint32_t)(s >> 32); }
+
+/*
+ * A cancel that has claimed a node whose fd it may still have to write marks
+ * the state PENDING, writes the fd, then stores the state without the bit.
+ * Internally a PENDING node is done (nothing else may claim it); ctx_err()
+ * and ctx_cause() wait for the bit to clear, so that they never report a
+ * node done before its fd is readable, as Go's Err() never reports before
+ * Done() is closed.
+ */
+#define CTXI_PENDING (UINT64_C(1) << 63)
+
+static inline uint64_t ctxi_final(uint64_t s) { return s & ~CTXI_PENDING; }
+static inline int ctxi_state_err(uint64_t s) { return (int)(uint32_t)(ctxi_final(s) >> 32); }
 static inline int ctxi_state_cause(uint64_t s) { return (int)(uint32_t)s; }
 
 static inline bool ctxi_cancellable(const ctx_t *c)

@@ -4,6 +4,8 @@
  */
 #include "internal.h"
 
+#include <sched.h>
+
 _Atomic int ctxi_fail_allocs;
 
 static struct ctx background = {.kind = CTXI_ROOT};
@@ -126,6 +128,16 @@ static bool quiet_leaf(struct ctxi_cancel *c)
 	       atomic_load_explicit(&c->fd, memory_order_acquire) < 0;
 }
 
+/* Ends a node's PENDING phase once its fd has been written (or it has none):
+ * ctx_err() readers waiting on the bit see the final state.  Idempotent: a
+ * helping walk and the node's own canceller may both do it. */
+static void publish(struct ctxi_cancel *c)
+{
+	uint64_t s = atomic_load_explicit(&c->state, memory_order_relaxed);
+	if (s & CTXI_PENDING)
+		atomic_store_explicit(&c->state, ctxi_final(s), memory_order_release);
+}
+
 /*
  * The cancel cascade: a depth-first walk that holds the lock of every node on
  * the path from the cancelled node down to the one it is visiting, as Go
@@ -156,8 +168,9 @@ static bool quiet_leaf(struct ctxi_cancel *c)
 static void cascade(struct ctxi_cancel *root)
 {
 	struct ctxi_cancel *top = root, *drop = NULL, *fire = NULL;
-	/* The caller holds root's lock, and root is done. */
+	/* The caller holds root's lock, and root is done (maybe PENDING). */
 	ctxi_fd_signal(root);
+	publish(root);
 	/* root->next still links root in its anchor's list: the stack link of
 	 * a visited node is only read below the root. */
 	while (top) {
@@ -182,15 +195,19 @@ static void cascade(struct ctxi_cancel *root)
 		uint64_t cur = ctxi_state(ch);
 		bool visit = false;
 		if (!cur) {
+			/* The parent's state, final: n is published already. */
 			uint64_t st = atomic_load_explicit(&n->state, memory_order_relaxed);
-			if (atomic_compare_exchange_strong_explicit(&ch->state, &cur, st,
-								    memory_order_seq_cst,
-								    memory_order_acquire)) {
-				if (ch->base.kind == CTXI_AFTER) {
+			bool after = ch->base.kind == CTXI_AFTER;
+			if (atomic_compare_exchange_strong_explicit(
+				    &ch->state, &cur, after ? st : st | CTXI_PENDING,
+				    memory_order_seq_cst, memory_order_acquire)) {
+				if (after) {
 					ch->next = fire;
 					fire = ch;
+				} else if (quiet_leaf(ch)) {
+					publish(ch); /* no fd to write */
 				} else {
-					visit = !quiet_leaf(ch);
+					visit = true;
 				}
 			}
 		}
@@ -199,8 +216,11 @@ static void cascade(struct ctxi_cancel *root)
 		if (visit && ref_if_live(&ch->base)) {
 			ctxi_lock(&ch->lock);
 			ctxi_fd_signal(ch);
+			publish(ch);
 			ch->next = n; /* the stack: back to the parent */
 			top = ch;
+		} else if (visit) {
+			publish(ch); /* being freed: nobody can be waiting on it */
 		}
 		/* Last touch of a child we hold no reference to: from here on
 		 * its free path need not wait for n's lock. */
@@ -225,13 +245,15 @@ int ctx_cancel_cause(ctx_t *c, int cause)
 	uint64_t cur = ctxi_state(n); /* latches a passed deadline first */
 	uint64_t st = ctxi_mkstate(ECANCELED, cause ? cause : ECANCELED);
 	/* seq_cst: quiet_leaf() and lib/wait.c's fd-less waiters pair with it. */
-	if (cur || !atomic_compare_exchange_strong_explicit(&n->state, &cur, st,
+	if (cur || !atomic_compare_exchange_strong_explicit(&n->state, &cur, st | CTXI_PENDING,
 							    memory_order_seq_cst,
 							    memory_order_acquire))
 		return EALREADY;
-	if (!quiet_leaf(n)) {
+	if (quiet_leaf(n)) {
+		publish(n);
+	} else {
 		ctxi_lock(&n->lock);
-		cascade(n); /* unlocks n */
+		cascade(n); /* publishes and unlocks n */
 	}
 	ctxi_unlink(n); /* a cancelled child holds no memory in its parent */
 	ctxi_wake_nofd_waiters();
@@ -302,8 +324,8 @@ static ctx_t *new_cancel(ctx_t *parent, int64_t own, int own_cause)
 	if (anchor) {
 		ctxi_lock(&anchor->lock);
 		uint64_t st = ctxi_state(anchor);
-		if (st)
-			atomic_store_explicit(&n->state, st, memory_order_relaxed);
+		if (st) /* no fd yet: nothing to be PENDING for */
+			atomic_store_explicit(&n->state, ctxi_final(st), memory_order_relaxed);
 		else
 			ctxi_link(anchor, n);
 		ctxi_unlock(&anchor->lock);
@@ -392,10 +414,24 @@ ctx_t *ctx_without_cancel(ctx_t *parent)
 /* ------------------------------------------------------------------------ */
 /* State */
 
+/* The state as ctx_err() and ctx_cause() report it: never PENDING.  The
+ * canceller holds the node's lock while it writes the fd (or has no fd to
+ * write and clears the bit at once), so waiting for the lock is waiting for
+ * the bit. */
 static uint64_t state_of(ctx_t *c)
 {
 	struct ctxi_cancel *anchor = ctxi_anchor(c);
-	return anchor ? ctxi_state(anchor) : 0;
+	if (!anchor)
+		return 0;
+	uint64_t s = ctxi_state(anchor);
+	while (__builtin_expect(s & CTXI_PENDING, 0)) {
+		ctxi_lock(&anchor->lock);
+		ctxi_unlock(&anchor->lock);
+		s = atomic_load_explicit(&anchor->state, memory_order_acquire);
+		if (s & CTXI_PENDING)
+			sched_yield(); /* the canceller has not taken the lock yet */
+	}
+	return s;
 }
 
 int ctx_err(ctx_t *c)

@@ -833,3 +833,53 @@ Test(threads, a_parent_cancel_waits_for_a_concurrent_cancel_of_a_descendant)
 	cr_assert_eq(bad_fd, 0, "leaf fd not readable after the parent's cancel in %d of %d rounds",
 		     bad_fd, rounds);
 }
+
+/* An observer that sees ctx_err() report done must find the fd readable:
+ * never "err first, fd a moment later", for a cancel of the context itself
+ * or of its parent racing the observer. */
+struct err_fd_race {
+	ctx_t *volatile target;
+	int fd;
+	atomic_int round, done_round, bad;
+};
+
+static void *observe_err_then_fd(void *arg)
+{
+	struct err_fd_race *r = arg;
+	for (int k = 1;; k++) {
+		int cur;
+		while ((cur = atomic_load(&r->round)) != k)
+			if (cur < 0)
+				return NULL;
+		while (!ctx_err(r->target))
+			;
+		if (!readable_now(r->fd))
+			atomic_fetch_add(&r->bad, 1);
+		atomic_store(&r->done_round, k);
+	}
+}
+
+Test(threads, ctx_err_never_reports_done_before_the_fd_is_readable)
+{
+	int rounds = SCALE(4000, 400);
+	struct err_fd_race r = {.round = 0};
+	pthread_t t;
+	cr_assert_eq(pthread_create(&t, NULL, observe_err_then_fd, &r), 0);
+	for (int k = 1; k <= rounds; k++) {
+		ctx_t *parent = ctx_with_cancel(ctx_background());
+		ctx_t *c = ctx_with_cancel(parent);
+		r.fd = ctx_fd(c);
+		cr_assert_geq(r.fd, 0);
+		r.target = c;
+		atomic_store(&r.round, k);
+		ctx_cancel(k & 1 ? c : parent); /* itself, or through the cascade */
+		while (atomic_load(&r.done_round) != k)
+			;
+		ctx_unref(c);
+		ctx_unref(parent);
+	}
+	atomic_store(&r.round, -1);
+	pthread_join(t, NULL);
+	cr_assert_eq(atomic_load(&r.bad), 0, "err before fd in %d of %d rounds",
+		     atomic_load(&r.bad), rounds);
+}
