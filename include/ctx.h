@@ -140,12 +140,11 @@ void *ctx_value(ctx_t *ctx, const void *key);
 /* ------------------------------------------------------------------------ */
 /* The file descriptor */
 
-/* A file descriptor that polls readable when `ctx` is done, and then stays
- * readable.  It is never readable while ctx_err() still reports 0.  The other
- * way round, ctx_err() may lead it by microseconds: a cancel marks the
- * context done just before it writes the fd (both hold by the time
- * ctx_cancel() returns), and at a deadline the kernel timer fires just after
- * the clock passes it.  Rules:
+/* A file descriptor that polls readable exactly when `ctx` is done, and then
+ * stays readable: it is never readable while ctx_err() reports 0, and once
+ * ctx_err() reports done it is readable (a reader that finds a deadline
+ * passed fires the timer itself rather than wait for the timer interrupt).
+ * Rules:
  *   - The context owns it: never read, write or close it.  It is valid until
  *     the last reference to `ctx` is dropped; dup() it to keep it longer.
  *   - It is close-on-exec and non-blocking; repeated calls return the same fd.

@@ -51,23 +51,39 @@ static void fire_timerfd(int fd)
 
 void ctxi_fd_signal(struct ctxi_cancel *c)
 {
-	int fd = atomic_load_explicit(&c->fd, memory_order_relaxed);
-	if (fd < 0)
+	int v = atomic_load_explicit(&c->fd, memory_order_relaxed);
+	if (v < 0)
 		return;
-	if (c->base.flags & CTXI_FD_TIMER) {
-		fire_timerfd(fd);
+	if (v & 1) {
+		fire_timerfd(v >> 1);
 	} else {
 		uint64_t one = 1;
-		ssize_t r = write(fd, &one, sizeof(one));
+		ssize_t r = write(v >> 1, &one, sizeof(one));
 		(void)r; /* an eventfd counter cannot overflow from these writes */
+	}
+}
+
+/* Called by the first readers past a deadline, before they mark the node
+ * done.  The kernel timer would fire the fd anyway, but up to tens of
+ * microseconds later (the interrupt), and err must not lead the fd.  Only
+ * with TFD_IOC_SET_TICKS: the re-arming fallback could blink readiness off.
+ * The fd cannot be closed meanwhile: the caller holds a reference, or (the
+ * cascade) the lock that the node's free path waits for. */
+void ctxi_fd_expire(struct ctxi_cancel *c)
+{
+	int v = atomic_load_explicit(&c->fd, memory_order_acquire);
+	if (v >= 0 && (v & 1) && atomic_load_explicit(&ticks_work, memory_order_relaxed)) {
+		uint64_t one = 1;
+		if (ioctl(v >> 1, TFD_IOC_SET_TICKS, &one) < 0)
+			atomic_store_explicit(&ticks_work, 0, memory_order_relaxed);
 	}
 }
 
 void ctxi_fd_close(struct ctxi_cancel *c)
 {
-	int fd = atomic_load_explicit(&c->fd, memory_order_relaxed);
-	if (fd >= 0)
-		close(fd);
+	int v = atomic_load_explicit(&c->fd, memory_order_relaxed);
+	if (v >= 0)
+		close(v >> 1);
 }
 
 /* One eventfd, never written and never closed, for every context that can
@@ -93,8 +109,7 @@ static int never_fd(void)
  * sees the published fd when it takes the lock to signal it. */
 static int create_fd(struct ctxi_cancel *c)
 {
-	int fd;
-	uint8_t flags = 0;
+	int fd, timer = 0;
 	if (ctxi_state(c)) {
 		fd = eventfd(1, EFD_CLOEXEC | EFD_NONBLOCK);
 	} else if (c->base.kind == CTXI_TIMED) {
@@ -108,15 +123,13 @@ static int create_fd(struct ctxi_cancel *c)
 				errno = e;
 				return -1;
 			}
-			flags = CTXI_FD_TIMER;
+			timer = 1;
 		}
 	} else {
 		fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
 	}
-	if (fd >= 0) {
-		c->base.flags |= flags;
-		atomic_store_explicit(&c->fd, fd, memory_order_release);
-	}
+	if (fd >= 0)
+		atomic_store_explicit(&c->fd, fd << 1 | timer, memory_order_release);
 	return fd;
 }
 
@@ -129,13 +142,12 @@ int ctx_fd(ctx_t *ctx)
 	struct ctxi_cancel *c = ctxi_anchor(ctx);
 	if (!c)
 		return never_fd();
-	int fd = atomic_load_explicit(&c->fd, memory_order_acquire);
-	if (fd >= 0)
-		return fd;
+	int v = atomic_load_explicit(&c->fd, memory_order_acquire);
+	if (v >= 0)
+		return v >> 1;
 	ctxi_lock(&c->lock);
-	fd = atomic_load_explicit(&c->fd, memory_order_relaxed);
-	if (fd < 0)
-		fd = create_fd(c);
+	v = atomic_load_explicit(&c->fd, memory_order_relaxed);
+	int fd = v >= 0 ? v >> 1 : create_fd(c);
 	int e = errno;
 	ctxi_unlock(&c->lock);
 	errno = e;

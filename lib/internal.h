@@ -6,7 +6,7 @@
  *
  * Locking.  Every cancellable node has one small futex lock (ctxi_lock).  It
  * guards that node's children list, the list links (next, pprev) of the
- * children registered with it, and the creation of its fd (fd, base.flags).
+ * children registered with it, and the creation of its fd.
  * Every locker reads the node's state after taking the lock, with ctxi_lock's
  * seq_cst CAS and ctxi_state's seq_cst load: the cascade's quiet-leaf fast
  * path depends on that (lib/tree.c), so keep both seq_cst.
@@ -40,13 +40,9 @@ enum ctxi_kind {
 			 context, only a member of an anchor's children list */
 };
 
-/* Flags, in ctx.flags; written under the node's lock. */
-#define CTXI_FD_TIMER 0x1 /* the fd is a timerfd (else an eventfd) */
-
 struct ctx {
 	_Atomic uint32_t refs; /* unused on CTXI_ROOT */
 	uint8_t kind;
-	uint8_t flags;
 	/* Cancellable nodes: 1 while in the anchor's children list.  Set under
 	 * the anchor's lock before the node is shared; cleared by a cascade
 	 * (release) only once it will not touch the node any more, or by
@@ -66,7 +62,9 @@ struct ctxi_cancel {
 	struct ctx base;
 	/* err << 32 | (uint32_t)cause; 0 while not done.  Set once, by CAS. */
 	_Atomic uint64_t state;
-	_Atomic int fd;  /* -1 until ctx_fd() creates it */
+	/* -1 until ctx_fd() creates it; then fd << 1, | 1 for a timerfd (so
+	 * the kind is read with the fd, without the lock). */
+	_Atomic int fd;
 	_Atomic uint32_t lock;
 	struct ctxi_cancel *children;
 	/* Links in the anchor's list, under the anchor's lock.  pprev == NULL
@@ -131,10 +129,15 @@ static inline struct timespec ctxi_ts(int64_t ns)
 	return ts;
 }
 
+/* lib/fd.c: makes a passed deadline's timerfd readable now, rather than at
+ * the timer interrupt a moment later. */
+void ctxi_fd_expire(struct ctxi_cancel *c);
+
 /*
  * The state of a cancellable node, latching ETIMEDOUT if its deadline has
  * passed.  Latching by CAS makes err final: whoever first observes the node
- * done (a canceller or a reader past the deadline) fixes err and cause.
+ * done (a canceller or a reader past the deadline) fixes err and cause.  The
+ * fd is fired first, so that it is readable before err says done.
  */
 static inline uint64_t ctxi_state(struct ctxi_cancel *c)
 {
@@ -146,6 +149,7 @@ static inline uint64_t ctxi_state(struct ctxi_cancel *c)
 	const struct ctxi_timed *t = (const struct ctxi_timed *)c;
 	if (ctxi_now() < t->deadline)
 		return 0;
+	ctxi_fd_expire(c);
 	uint64_t want = ctxi_mkstate(ETIMEDOUT, t->dcause);
 	if (atomic_compare_exchange_strong_explicit(&c->state, &s, want, memory_order_acq_rel,
 						    memory_order_acquire))

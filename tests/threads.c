@@ -836,7 +836,8 @@ Test(threads, a_parent_cancel_waits_for_a_concurrent_cancel_of_a_descendant)
 
 /* An observer that sees ctx_err() report done must find the fd readable:
  * never "err first, fd a moment later", for a cancel of the context itself
- * or of its parent racing the observer. */
+ * or of its parent racing the observer, or for a deadline (where the kernel
+ * timer alone would fire the fd tens of microseconds late). */
 struct err_fd_race {
 	ctx_t *volatile target;
 	int fd;
@@ -866,13 +867,16 @@ Test(threads, ctx_err_never_reports_done_before_the_fd_is_readable)
 	pthread_t t;
 	cr_assert_eq(pthread_create(&t, NULL, observe_err_then_fd, &r), 0);
 	for (int k = 1; k <= rounds; k++) {
+		int how = k % 3; /* 0: cancel itself, 1: its parent, 2: a deadline */
 		ctx_t *parent = ctx_with_cancel(ctx_background());
-		ctx_t *c = ctx_with_cancel(parent);
+		ctx_t *c = how == 2 ? ctx_with_timeout(parent, 200 * CTX_USEC)
+				    : ctx_with_cancel(parent);
 		r.fd = ctx_fd(c);
 		cr_assert_geq(r.fd, 0);
 		r.target = c;
 		atomic_store(&r.round, k);
-		ctx_cancel(k & 1 ? c : parent); /* itself, or through the cascade */
+		if (how < 2)
+			ctx_cancel(how == 0 ? c : parent);
 		while (atomic_load(&r.done_round) != k)
 			;
 		ctx_unref(c);
