@@ -129,15 +129,13 @@ static inline struct timespec ctxi_ts(int64_t ns)
 	return ts;
 }
 
-/* lib/fd.c: makes a passed deadline's timerfd readable now, rather than at
- * the timer interrupt a moment later. */
-void ctxi_fd_expire(struct ctxi_cancel *c);
+/* The timed half of ctxi_state(), out of line (lib/tree.c). */
+uint64_t ctxi_state_timed(struct ctxi_cancel *c);
 
 /*
  * The state of a cancellable node, latching ETIMEDOUT if its deadline has
  * passed.  Latching by CAS makes err final: whoever first observes the node
- * done (a canceller or a reader past the deadline) fixes err and cause.  The
- * fd is fired first, so that it is readable before err says done.
+ * done (a canceller or a reader past the deadline) fixes err and cause.
  */
 static inline uint64_t ctxi_state(struct ctxi_cancel *c)
 {
@@ -146,15 +144,7 @@ static inline uint64_t ctxi_state(struct ctxi_cancel *c)
 	uint64_t s = atomic_load_explicit(&c->state, memory_order_seq_cst);
 	if (s || c->base.kind != CTXI_TIMED)
 		return s;
-	const struct ctxi_timed *t = (const struct ctxi_timed *)c;
-	if (ctxi_now() < t->deadline)
-		return 0;
-	ctxi_fd_expire(c);
-	uint64_t want = ctxi_mkstate(ETIMEDOUT, t->dcause);
-	if (atomic_compare_exchange_strong_explicit(&c->state, &s, want, memory_order_acq_rel,
-						    memory_order_acquire))
-		return want;
-	return s;
+	return ctxi_state_timed(c);
 }
 
 /* The cancellable node that decides whether `c` is done, or NULL if `c` can
@@ -247,6 +237,7 @@ int ctxi_wait_nofd(ctx_t *ctx, int64_t until);
 void ctxi_wake_nofd_waiters(void); /* after every successful cancel */
 
 /* lib/fd.c */
+void ctxi_fd_expire(struct ctxi_cancel *c); /* a passed deadline: fire its timerfd now */
 void ctxi_fd_signal(struct ctxi_cancel *c); /* under c's lock, c done */
 void ctxi_fd_close(struct ctxi_cancel *c);  /* at free */
 

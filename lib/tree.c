@@ -414,23 +414,47 @@ ctx_t *ctx_without_cancel(ctx_t *parent)
 /* ------------------------------------------------------------------------ */
 /* State */
 
-/* The state as ctx_err() and ctx_cause() report it: never PENDING.  The
- * canceller holds the node's lock while it writes the fd (or has no fd to
- * write and clears the bit at once), so waiting for the lock is waiting for
- * the bit. */
-static uint64_t state_of(ctx_t *c)
+/* A timed node found with state 0: latch ETIMEDOUT if its deadline has
+ * passed.  The fd is fired first, so that it is readable before err says
+ * done (the timer interrupt would come tens of microseconds later). */
+uint64_t ctxi_state_timed(struct ctxi_cancel *c)
+{
+	const struct ctxi_timed *t = (const struct ctxi_timed *)c;
+	if (ctxi_now() < t->deadline)
+		return 0;
+	ctxi_fd_expire(c);
+	uint64_t s = 0, want = ctxi_mkstate(ETIMEDOUT, t->dcause);
+	if (atomic_compare_exchange_strong_explicit(&c->state, &s, want, memory_order_acq_rel,
+						    memory_order_acquire))
+		return want;
+	return s;
+}
+
+/* Waits out a cancel's PENDING phase.  The canceller holds the node's lock
+ * while it writes the fd (or, with no fd to write, clears the bit at once),
+ * so waiting for the lock is waiting for the bit. */
+static __attribute__((noinline)) uint64_t wait_published(struct ctxi_cancel *c)
+{
+	uint64_t s;
+	for (;;) {
+		ctxi_lock(&c->lock);
+		ctxi_unlock(&c->lock);
+		s = atomic_load_explicit(&c->state, memory_order_acquire);
+		if (!(s & CTXI_PENDING))
+			return s;
+		sched_yield(); /* the canceller has not taken the lock yet */
+	}
+}
+
+/* The state as ctx_err() and ctx_cause() report it: never PENDING. */
+static inline uint64_t state_of(ctx_t *c)
 {
 	struct ctxi_cancel *anchor = ctxi_anchor(c);
 	if (!anchor)
 		return 0;
 	uint64_t s = ctxi_state(anchor);
-	while (__builtin_expect(s & CTXI_PENDING, 0)) {
-		ctxi_lock(&anchor->lock);
-		ctxi_unlock(&anchor->lock);
-		s = atomic_load_explicit(&anchor->state, memory_order_acquire);
-		if (s & CTXI_PENDING)
-			sched_yield(); /* the canceller has not taken the lock yet */
-	}
+	if (__builtin_expect(s & CTXI_PENDING, 0))
+		s = wait_published(anchor);
 	return s;
 }
 
