@@ -43,7 +43,7 @@ struct ctx_after {
 static pthread_mutex_t lk = PTHREAD_MUTEX_INITIALIZER;
 static pthread_cond_t wake;     /* the thread: work or an earlier deadline */
 static pthread_cond_t finished; /* ctx_after_stop_wait() */
-static bool started;
+static _Atomic bool started; /* written under lk; read without it to skip lk */
 static pthread_t thread;
 static struct ctx_after *runq, **runq_tail = &runq;
 static struct ctx_after **heap;
@@ -201,7 +201,7 @@ static void atfork_child(void)
 {
 	pthread_mutex_init(&lk, NULL);
 	init_conds();
-	started = false;
+	atomic_store_explicit(&started, false, memory_order_relaxed);
 }
 
 static pthread_once_t once = PTHREAD_ONCE_INIT;
@@ -215,7 +215,7 @@ static void init_once(void)
 /* Under lk.  The thread blocks every signal: they belong to the program. */
 static int start_thread(void)
 {
-	if (started)
+	if (atomic_load_explicit(&started, memory_order_relaxed))
 		return 0;
 	sigset_t all, old;
 	sigfillset(&all);
@@ -228,7 +228,7 @@ static int start_thread(void)
 	pthread_sigmask(SIG_SETMASK, &old, NULL);
 	if (r)
 		return EAGAIN;
-	started = true;
+	atomic_store_explicit(&started, true, memory_order_relaxed);
 	return 0;
 }
 
@@ -288,17 +288,22 @@ int ctx_after_func(ctx_t *ctx, void (*fn)(void *), void *arg, ctx_after_t **stop
 	bool timed = anchor->base.kind == CTXI_TIMED;
 	if (timed)
 		a->deadline = ((struct ctxi_timed *)anchor)->deadline;
-	pthread_mutex_lock(&lk);
-	int err = start_thread();
-	/* Reserve the heap slot now: once linked, the registration must not
-	 * fail for want of memory. */
-	if (!err && timed) {
-		if (heap_reserve())
-			heap_reserved++;
-		else
-			err = ENOMEM;
+	int err = 0;
+	/* Without a deadline, and with the thread running, there is nothing
+	 * to do under lk. */
+	if (timed || !atomic_load_explicit(&started, memory_order_relaxed)) {
+		pthread_mutex_lock(&lk);
+		err = start_thread();
+		/* Reserve the heap slot now: once linked, the registration
+		 * must not fail for want of memory. */
+		if (!err && timed) {
+			if (heap_reserve())
+				heap_reserved++;
+			else
+				err = ENOMEM;
+		}
+		pthread_mutex_unlock(&lk);
 	}
-	pthread_mutex_unlock(&lk);
 	if (err) {
 		if (stop)
 			put(a);
