@@ -430,19 +430,20 @@ uint64_t ctxi_state_timed(struct ctxi_cancel *c)
 	return s;
 }
 
-/* Waits out a cancel's PENDING phase.  The canceller holds the node's lock
- * while it writes the fd (or, with no fd to write, clears the bit at once),
- * so waiting for the lock is waiting for the bit. */
+/* Waits out a cancel's PENDING phase: the canceller is between marking the
+ * node and writing its fd (one system call), or has no fd to write and is
+ * about to clear the bit.  Spinning, then yielding, is cheaper than taking the
+ * node's lock, which a cascade keeps for the node's whole subtree. */
 static __attribute__((noinline)) uint64_t wait_published(struct ctxi_cancel *c)
 {
-	uint64_t s;
-	for (;;) {
-		ctxi_lock(&c->lock);
-		ctxi_unlock(&c->lock);
-		s = atomic_load_explicit(&c->state, memory_order_acquire);
+	for (int spin = 0;; spin++) {
+		uint64_t s = atomic_load_explicit(&c->state, memory_order_acquire);
 		if (!(s & CTXI_PENDING))
 			return s;
-		sched_yield(); /* the canceller has not taken the lock yet */
+		if (spin < 100)
+			ctxi_cpu_relax();
+		else
+			sched_yield();
 	}
 }
 
