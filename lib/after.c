@@ -10,8 +10,15 @@
  * (AFTER_STOPPED).  Any value but AFTER_ARMED means "fired or stopped".
  *
  * Deadlines: a registration on a context with a deadline also sits in a
- * min-heap; the thread sleeps on a condition variable until the earliest
+ * min-heap (under `lk`); the thread sleeps on a futex until the earliest
  * deadline, so an after-function fires at a deadline nobody else watches.
+ *
+ * Hand-over: fired registrations are pushed on `incoming`, a lock-free stack
+ * the thread empties in one exchange, so neither the canceller nor the
+ * thread takes `lk` for a registration without a deadline.  The thread
+ * announces that it is about to sleep (`idle`) before its last look at
+ * `incoming`; a pusher looks at `idle` after pushing, and only then bumps
+ * `wake_seq` and wakes it.  All four are seq_cst, so a push is never missed.
  *
  * Lock order: a node lock (ctxi_lock) may be taken with `lk` free only; `lk`
  * is never held while taking a node lock or while running fn.  The cascade
@@ -35,17 +42,19 @@ struct ctx_after {
 	void *arg;
 	_Atomic uint32_t refs;
 	int heap_idx;   /* under lk; -1 when not in the heap */
-	bool finished;  /* under lk; fn has returned */
-	int64_t deadline;
-	struct ctx_after *qnext; /* run queue link, under lk */
+	_Atomic bool finished; /* fn has returned */
+	int64_t deadline; /* 0: the context has none (never in the heap) */
+	struct ctx_after *qnext; /* `incoming` link */
 };
 
 static pthread_mutex_t lk = PTHREAD_MUTEX_INITIALIZER;
-static pthread_cond_t wake;     /* the thread: work or an earlier deadline */
-static pthread_cond_t finished; /* ctx_after_stop_wait() */
+static pthread_cond_t finished; /* ctx_after_stop_wait(), with lk */
+static _Atomic uint32_t stop_waiters; /* threads in ctx_after_stop_wait() */
 static _Atomic bool started; /* written under lk; read without it to skip lk */
 static pthread_t thread;
-static struct ctx_after *runq, **runq_tail = &runq;
+static _Atomic(struct ctx_after *) incoming;
+static _Atomic uint32_t wake_seq; /* the thread's futex */
+static _Atomic bool idle;         /* the thread is about to sleep on wake_seq */
 static struct ctx_after **heap;
 static int heap_len, heap_cap, heap_reserved;
 
@@ -123,6 +132,12 @@ static bool heap_reserve(void)
 
 /* ---- the thread ---- */
 
+static void wake_thread(void)
+{
+	atomic_fetch_add_explicit(&wake_seq, 1, memory_order_seq_cst);
+	syscall(SYS_futex, &wake_seq, FUTEX_WAKE_PRIVATE, 1, NULL, NULL, 0);
+}
+
 static void run(struct ctx_after *a)
 {
 	a->fn(a->arg);
@@ -131,38 +146,57 @@ static void run(struct ctx_after *a)
 	 * the last reference (acq_rel) has gone. */
 	ctx_unref(a->node.base.parent);
 	a->node.base.parent = NULL;
-	pthread_mutex_lock(&lk);
-	a->finished = true;
-	pthread_cond_broadcast(&finished);
-	pthread_mutex_unlock(&lk);
+	/* seq_cst, against ctx_after_stop_wait(): it counts itself in
+	 * stop_waiters, then reads `finished` under lk. */
+	atomic_store_explicit(&a->finished, true, memory_order_seq_cst);
+	if (atomic_load_explicit(&stop_waiters, memory_order_seq_cst)) {
+		pthread_mutex_lock(&lk);
+		pthread_cond_broadcast(&finished);
+		pthread_mutex_unlock(&lk);
+	}
 	put(a); /* the registration's reference */
 }
 
-static void *loop(void *unused)
+/* Runs the registrations pushed on `incoming`, oldest first. */
+static void run_incoming(struct ctx_after *list)
 {
-	(void)unused;
-	on_after_thread = true;
+	struct ctx_after *fifo = NULL;
+	while (list) { /* the stack is newest first */
+		struct ctx_after *next = list->qnext;
+		list->qnext = fifo;
+		fifo = list;
+		list = next;
+	}
+	while (fifo) {
+		struct ctx_after *a = fifo;
+		fifo = a->qnext;
+		bool in_heap = false;
+		if (a->deadline) { /* fired by a cancel before its deadline */
+			pthread_mutex_lock(&lk);
+			in_heap = heap_remove(a);
+			pthread_mutex_unlock(&lk);
+		}
+		run(a);
+		if (in_heap)
+			put(a); /* the heap's reference */
+	}
+}
+
+/* Fires the registrations whose deadline has passed; returns the earliest
+ * deadline left (CTXI_NEVER if none). */
+static int64_t run_deadlines(void)
+{
 	pthread_mutex_lock(&lk);
 	for (;;) {
-		if (runq) {
-			struct ctx_after *a = runq;
-			runq = a->qnext;
-			if (!runq)
-				runq_tail = &runq;
-			pthread_mutex_unlock(&lk);
-			run(a);
-			pthread_mutex_lock(&lk);
-			continue;
-		}
 		if (!heap_len) {
-			pthread_cond_wait(&wake, &lk);
-			continue;
+			pthread_mutex_unlock(&lk);
+			return CTXI_NEVER;
 		}
 		struct ctx_after *a = heap[0];
 		if (ctxi_now() < a->deadline) {
-			struct timespec at = ctxi_ts(a->deadline);
-			pthread_cond_timedwait(&wake, &lk, &at);
-			continue;
+			int64_t next = a->deadline;
+			pthread_mutex_unlock(&lk);
+			return next;
 		}
 		heap_remove(a);
 		pthread_mutex_unlock(&lk);
@@ -176,19 +210,38 @@ static void *loop(void *unused)
 		put(a); /* the heap's reference */
 		pthread_mutex_lock(&lk);
 	}
+}
+
+static void *loop(void *unused)
+{
+	(void)unused;
+	on_after_thread = true;
+	for (;;) {
+		struct ctx_after *list =
+			atomic_exchange_explicit(&incoming, NULL, memory_order_acquire);
+		if (list) {
+			run_incoming(list);
+			continue;
+		}
+		/* The sequence is read before the heap: an earlier deadline
+		 * inserted after this point bumps it, and the wait returns. */
+		uint32_t seq = atomic_load_explicit(&wake_seq, memory_order_seq_cst);
+		int64_t next = run_deadlines();
+		atomic_store_explicit(&idle, true, memory_order_seq_cst);
+		if (!atomic_load_explicit(&incoming, memory_order_seq_cst)) {
+			struct timespec rel, *timeout = NULL;
+			if (next != CTXI_NEVER) {
+				int64_t left = next - ctxi_now();
+				rel = ctxi_ts(left > 0 ? left : 0);
+				timeout = &rel;
+			}
+			syscall(SYS_futex, &wake_seq, FUTEX_WAIT_PRIVATE, seq, timeout, NULL, 0);
+		}
+		atomic_store_explicit(&idle, false, memory_order_relaxed);
+	}
 	return NULL;
 }
 
-/* The condition variables wait on CLOCK_MONOTONIC, the clock of deadlines. */
-static void init_conds(void)
-{
-	pthread_condattr_t ca;
-	pthread_condattr_init(&ca);
-	pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
-	pthread_cond_init(&wake, &ca);
-	pthread_cond_init(&finished, NULL);
-	pthread_condattr_destroy(&ca);
-}
 
 /* fork() happens with lk held, so the run queue and the heap are whole in the
  * child.  Only the forking thread exists there: forget ours and re-create
@@ -200,15 +253,15 @@ static void atfork_parent(void) { pthread_mutex_unlock(&lk); }
 static void atfork_child(void)
 {
 	pthread_mutex_init(&lk, NULL);
-	init_conds();
+	pthread_cond_init(&finished, NULL);
 	atomic_store_explicit(&started, false, memory_order_relaxed);
+	atomic_store_explicit(&idle, false, memory_order_relaxed);
 }
 
 static pthread_once_t once = PTHREAD_ONCE_INIT;
 
 static void init_once(void)
 {
-	init_conds();
 	pthread_atfork(atfork_prepare, atfork_parent, atfork_child);
 }
 
@@ -232,30 +285,29 @@ static int start_thread(void)
 	return 0;
 }
 
-/* Queues registrations whose state a cascade or ctx_after_func() has
- * already moved off AFTER_ARMED. */
+/* Hands registrations whose state a cascade or ctx_after_func() has already
+ * moved off AFTER_ARMED to the thread, without lk. */
 void ctxi_after_fire(struct ctxi_cancel *list)
 {
-	pthread_mutex_lock(&lk);
 	/* Normally running already; not in a forked child that inherited
 	 * registrations.  If it cannot start, the next registration retries. */
-	start_thread();
+	if (!atomic_load_explicit(&started, memory_order_relaxed)) {
+		pthread_mutex_lock(&lk);
+		start_thread();
+		pthread_mutex_unlock(&lk);
+	}
 	while (list) {
 		struct ctx_after *a = (struct ctx_after *)list;
 		list = list->next;
 		a->node.next = NULL;
-		/* The heap's reference; never the last, the registration's is
-		 * held until fn returns. */
-		if (heap_remove(a))
-			atomic_fetch_sub_explicit(&a->refs, 1, memory_order_relaxed);
-		a->qnext = NULL;
-		*runq_tail = a;
-		runq_tail = &a->qnext;
+		a->qnext = atomic_load_explicit(&incoming, memory_order_relaxed);
+		while (!atomic_compare_exchange_weak_explicit(&incoming, &a->qnext, a,
+							      memory_order_seq_cst,
+							      memory_order_relaxed))
+			;
 	}
-	pthread_mutex_unlock(&lk);
-	/* Signalled after the unlock, so the thread does not wake only to
-	 * block on lk. */
-	pthread_cond_signal(&wake);
+	if (atomic_load_explicit(&idle, memory_order_seq_cst))
+		wake_thread();
 }
 
 int ctx_after_func(ctx_t *ctx, void (*fn)(void *), void *arg, ctx_after_t **stop)
@@ -340,8 +392,8 @@ int ctx_after_func(ctx_t *ctx, void (*fn)(void *), void *arg, ctx_after_t **stop
 			earliest = heap[0] == a;
 		}
 		pthread_mutex_unlock(&lk);
-		if (earliest)
-			pthread_cond_signal(&wake);
+		if (earliest) /* the thread may sleep until a later deadline */
+			wake_thread();
 	}
 	if (stop)
 		*stop = a;
@@ -366,10 +418,12 @@ static bool stop(ctx_after_t *a, bool wait)
 			put(a);
 		put(a); /* the registration's: fn will never run */
 	} else if (wait && !on_after_thread) {
+		atomic_fetch_add_explicit(&stop_waiters, 1, memory_order_seq_cst);
 		pthread_mutex_lock(&lk);
-		while (!a->finished)
+		while (!atomic_load_explicit(&a->finished, memory_order_seq_cst))
 			pthread_cond_wait(&finished, &lk);
 		pthread_mutex_unlock(&lk);
+		atomic_fetch_sub_explicit(&stop_waiters, 1, memory_order_relaxed);
 	}
 	put(a); /* the handle's */
 	return stopped;
