@@ -106,11 +106,15 @@ ctx_t *ctx_without_cancel(ctx_t *parent);
 int ctx_cancel(ctx_t *ctx);
 
 /* Makes `ctx` and all its descendants done, with err ECANCELED and cause
- * `cause` (0 means ECANCELED).  Before it returns, the fd of `ctx` and of every
- * descendant that has one is readable.  Returns 0 if this call made `ctx`
- * done, EALREADY if it was already done (nothing changes: the first cause
- * wins), EINVAL if `ctx` is NULL or not cancellable (background, todo, value
- * and without-cancel contexts).  Contexts made by ctx_with_cancel(),
+ * `cause` (0 means ECANCELED).  Before it returns, `ctx` and every
+ * descendant are done and the fd of each that has one is readable, even
+ * when another thread is cancelling the same subtree (this call then waits
+ * for, or helps, the other).  Returns 0 if this call made `ctx` done,
+ * EALREADY if it was already done (nothing changes: the first cause wins),
+ * EINVAL if `ctx` is NULL or not cancellable (background, todo, value and
+ * without-cancel contexts).  While a cancel walks a subtree, ctx_err() on
+ * a node of it waits for the walk to leave that node, as Go's Err() waits
+ * for the context's mutex.  Contexts made by ctx_with_cancel(),
  * ctx_with_deadline() and ctx_with_timeout() (and their _cause forms) are
  * cancellable. */
 int ctx_cancel_cause(ctx_t *ctx, int cause);
@@ -145,8 +149,9 @@ void *ctx_value(ctx_t *ctx, const void *key);
 /* A file descriptor that polls readable exactly when `ctx` is done, and then
  * stays readable: it is never readable while ctx_err() reports 0, and once
  * ctx_err() reports done it is readable (a reader that finds a deadline
- * passed fires the timer itself rather than wait for the timer interrupt).
- * Rules:
+ * passed fires the timer itself rather than wait for the timer interrupt;
+ * on kernels without TFD_IOC_SET_TICKS it may lag the deadline by that
+ * interrupt, microseconds).  Rules:
  *   - The context owns it: never read, write or close it.  It is valid until
  *     the last reference to `ctx` is dropped; dup() it to keep it longer.
  *   - It is close-on-exec and non-blocking; repeated calls return the same fd.

@@ -25,8 +25,8 @@
  * hands fired registrations over after dropping every node lock.
  *
  * Lifetime: `refs` counts the registration itself (dropped after fn returns
- * or when stopped), the handle (dropped by ctx_after_stop) and heap
- * membership.
+ * or when stopped), the handle (dropped by ctx_after_stop), heap membership,
+ * and ctx_after_func()'s own while it runs.
  */
 #include "internal.h"
 

@@ -105,8 +105,9 @@ static int never_fd(void)
 }
 
 /* Creates c's fd under c's lock.  The state is read under the lock, so a
- * concurrent ctx_cancel() either is seen here (the fd is born readable) or
- * sees the published fd when it takes the lock to signal it. */
+ * concurrent cancel either is seen here (the fd is born readable), or sees
+ * the lock held or the fd published (quiet_leaf() in lib/tree.c) and takes
+ * the lock to write it. */
 static int create_fd(struct ctxi_cancel *c)
 {
 	int fd, timer = 0;
@@ -130,6 +131,11 @@ static int create_fd(struct ctxi_cancel *c)
 	}
 	if (fd >= 0)
 		atomic_store_explicit(&c->fd, fd << 1 | timer, memory_order_release);
+	/* A reader that passed the deadline while the timer was being made
+	 * found no fd to fire (ctxi_fd_expire), and may report ETIMEDOUT
+	 * already: fire it now rather than at the timer interrupt. */
+	if (timer && ctxi_now() >= ((struct ctxi_timed *)c)->deadline)
+		ctxi_fd_expire(c);
 	return fd;
 }
 

@@ -112,9 +112,9 @@ void ctx_unref(ctx_t *c)
 /* Cancellation */
 
 /*
- * True if `c`, which the caller has just marked done, has no children, no fd
- * and nobody inside its lock: then there is nothing to visit, and no lock or
- * reference to take.  Whoever adds a child or creates the fd does it under
+ * True if `c`, which is done (marked by the caller, or by another thread whose
+ * mark the caller has read), has no children, no fd and nobody inside its
+ * lock: then there is nothing to visit, and no lock or reference to take.  Whoever adds a child or creates the fd does it under
  * c's lock after reading c's state.  If that locker took the lock before our
  * read of the lock word, we see it held, or see it released and (acquire)
  * its changes; if after, the seq_cst order (our state CAS, our lock-word
@@ -144,14 +144,21 @@ static void publish(struct ctxi_cancel *c)
  * holds each cancelCtx's mutex while it cancels that node's children.  Each
  * child is marked with its parent's state (err and cause are inherited).
  *
- * A walk that meets a child already cancelled by someone else (an explicit
- * ctx_cancel() of that child, whose own walk may not have started or may be
- * under way) walks that child's subtree too, with the child's state: it takes
- * the child's lock, so it waits for a walk already inside that subtree, and
- * finds there only what is left to do.  So when ctx_cancel() returns, every
- * descendant is done and its fd readable, whichever thread did the work.  A
- * child done by its own deadline needs no walk: its descendants' deadlines
- * are no later, so they are done too (ctxi_state() latches them).
+ * A node is marked PENDING, its fd written, and its state published (the bit
+ * cleared) only when the walk leaves it, its whole subtree done: ctx_err()
+ * on a node being walked waits for its lock, as Go's Err() waits for the
+ * mutex.  So no reader sees a node done while a descendant is not, and a
+ * cancel is seen to happen when its walk ends, which keeps "first of" exact:
+ * a descendant whose own deadline passes during the walk was done first.
+ *
+ * A walk that meets a child already done (cancelled by another thread, whose
+ * walk may not have started or may be under way, or done by its deadline)
+ * walks that child's subtree too, unless it is a quiet leaf: it takes the
+ * child's lock, so it waits for a walk already inside that subtree, and finds
+ * there only what is left: fds to write, deadline timerfds to fire (the
+ * children's ctxi_state() does that), states to publish.  So when
+ * ctx_cancel() returns, every descendant is done and its fd readable,
+ * whichever thread did the work.
  *
  * Locks are only ever taken parent before child, and a walk never takes a
  * lock above its starting node, so walks cannot deadlock.  No other path
@@ -163,20 +170,20 @@ static void publish(struct ctxi_cancel *c)
  * A child whose count is already zero is being freed: it has no children,
  * since every child holds a reference to its parent, and it cannot be freed
  * under us: its unlink waits for our lock until we clear its `linked` flag,
- * our last touch of it.  It is only detached.
+ * our last touch of it.  It is only detached and published.
  */
 static void cascade(struct ctxi_cancel *root)
 {
 	struct ctxi_cancel *top = root, *drop = NULL, *fire = NULL;
-	/* The caller holds root's lock, and root is done (maybe PENDING). */
+	/* The caller holds root's lock, and root is done. */
 	ctxi_fd_signal(root);
-	publish(root);
 	/* root->next still links root in its anchor's list: the stack link of
 	 * a visited node is only read below the root. */
 	while (top) {
 		struct ctxi_cancel *n = top;
 		struct ctxi_cancel *ch = n->children;
-		if (!ch) { /* subtree finished: pop */
+		if (!ch) { /* subtree finished: publish, pop */
+			publish(n);
 			top = n == root ? NULL : n->next;
 			if (n != root) {
 				ctxi_unlock(&n->lock);
@@ -191,36 +198,34 @@ static void cascade(struct ctxi_cancel *root)
 		ch->pprev = NULL;
 		ch->next = NULL;
 		/* ctxi_state() first: a child whose own deadline has passed
-		 * unobserved was done by that deadline, not by this cancel. */
+		 * unobserved was done by that deadline, not by this cancel (and
+		 * its timerfd is fired). */
 		uint64_t cur = ctxi_state(ch);
-		bool visit = false;
+		bool after = ch->base.kind == CTXI_AFTER;
 		if (!cur) {
-			/* The parent's state, final: n is published already. */
-			uint64_t st = atomic_load_explicit(&n->state, memory_order_relaxed);
-			bool after = ch->base.kind == CTXI_AFTER;
+			uint64_t st = ctxi_final(atomic_load_explicit(&n->state, memory_order_relaxed));
 			if (atomic_compare_exchange_strong_explicit(
 				    &ch->state, &cur, after ? st : st | CTXI_PENDING,
 				    memory_order_seq_cst, memory_order_acquire)) {
 				if (after) {
 					ch->next = fire;
 					fire = ch;
-				} else if (quiet_leaf(ch)) {
-					publish(ch); /* no fd to write */
-				} else {
-					visit = true;
 				}
+				cur = 0; /* claimed by this walk */
 			}
 		}
-		if (cur && ch->base.kind != CTXI_AFTER && ctxi_state_err(cur) == ECANCELED)
-			visit = !quiet_leaf(ch); /* cancelled by another thread: help */
-		if (visit && ref_if_live(&ch->base)) {
-			ctxi_lock(&ch->lock);
-			ctxi_fd_signal(ch);
-			publish(ch);
-			ch->next = n; /* the stack: back to the parent */
-			top = ch;
-		} else if (visit) {
-			publish(ch); /* being freed: nobody can be waiting on it */
+		if (!after) {
+			if (quiet_leaf(ch)) {
+				if (!cur)
+					publish(ch); /* claimed here, nothing to write */
+			} else if (ref_if_live(&ch->base)) {
+				ctxi_lock(&ch->lock);
+				ctxi_fd_signal(ch);
+				ch->next = n; /* the stack: back to the parent */
+				top = ch;
+			} else {
+				publish(ch); /* being freed: nobody can be waiting on it */
+			}
 		}
 		/* Last touch of a child we hold no reference to: from here on
 		 * its free path need not wait for n's lock. */
@@ -237,6 +242,8 @@ static void cascade(struct ctxi_cancel *root)
 		ctxi_after_fire(fire);
 }
 
+static uint64_t wait_published(struct ctxi_cancel *c);
+
 int ctx_cancel_cause(ctx_t *c, int cause)
 {
 	if (!c || !ctxi_cancellable(c))
@@ -245,10 +252,22 @@ int ctx_cancel_cause(ctx_t *c, int cause)
 	uint64_t cur = ctxi_state(n); /* latches a passed deadline first */
 	uint64_t st = ctxi_mkstate(ECANCELED, cause ? cause : ECANCELED);
 	/* seq_cst: quiet_leaf() and lib/wait.c's fd-less waiters pair with it. */
-	if (cur || !atomic_compare_exchange_strong_explicit(&n->state, &cur, st | CTXI_PENDING,
-							    memory_order_seq_cst,
-							    memory_order_acquire))
+	bool mine = !cur && atomic_compare_exchange_strong_explicit(
+				    &n->state, &cur, st | CTXI_PENDING, memory_order_seq_cst,
+				    memory_order_acquire);
+	if (!mine) {
+		/* As in Go, a second cancel returns only once the first is
+		 * done: the first publishes n when its walk of n's subtree
+		 * ends.  A node done by its deadline was never walked: walk it
+		 * now, so that its descendants' timerfds are fired too. */
+		if (cur & CTXI_PENDING) {
+			wait_published(n);
+		} else if (ctxi_state_err(cur) == ETIMEDOUT && !quiet_leaf(n)) {
+			ctxi_lock(&n->lock);
+			cascade(n);
+		}
 		return EALREADY;
+	}
 	if (quiet_leaf(n)) {
 		publish(n);
 	} else {
@@ -430,20 +449,19 @@ uint64_t ctxi_state_timed(struct ctxi_cancel *c)
 	return s;
 }
 
-/* Waits out a cancel's PENDING phase: the canceller is between marking the
- * node and writing its fd (one system call), or has no fd to write and is
- * about to clear the bit.  Spinning, then yielding, is cheaper than taking the
- * node's lock, which a cascade keeps for the node's whole subtree. */
+/* Waits out a cancel's PENDING phase.  The canceller holds the node's lock
+ * while it walks the node's subtree, and publishes the node before it lets
+ * go, so waiting for the lock is waiting for the bit; the canceller may also
+ * not have taken the lock yet (or, with nothing to walk, never take it). */
 static __attribute__((noinline)) uint64_t wait_published(struct ctxi_cancel *c)
 {
-	for (int spin = 0;; spin++) {
+	for (;;) {
+		ctxi_lock(&c->lock);
+		ctxi_unlock(&c->lock);
 		uint64_t s = atomic_load_explicit(&c->state, memory_order_acquire);
 		if (!(s & CTXI_PENDING))
 			return s;
-		if (spin < 100)
-			ctxi_cpu_relax();
-		else
-			sched_yield();
+		sched_yield();
 	}
 }
 

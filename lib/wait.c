@@ -65,5 +65,7 @@ int ctxi_wait_nofd(ctx_t *ctx, int64_t until)
 		syscall(SYS_futex, &nofd_seq, FUTEX_WAIT_PRIVATE, seq, timeout, NULL, 0);
 	}
 	atomic_fetch_sub_explicit(&nofd_waiters, 1, memory_order_seq_cst);
-	return err;
+	/* err_now() counts a cancel still writing fds as done; ctx_err()
+	 * waits for it, so that this wait ends no earlier than a poll would. */
+	return err ? ctx_err(ctx) : 0;
 }

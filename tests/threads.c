@@ -887,3 +887,133 @@ Test(threads, ctx_err_never_reports_done_before_the_fd_is_readable)
 	cr_assert_eq(atomic_load(&r.bad), 0, "err before fd in %d of %d rounds",
 		     atomic_load(&r.bad), rounds);
 }
+
+/* Two threads cancel the same context at once: the one that gets EALREADY
+ * must also find the whole subtree done and readable when its call returns
+ * (as in Go, where the second cancel waits for the first's mutex). */
+struct two_on_one {
+	pthread_barrier_t bar;
+	ctx_t *root;
+	int rc;
+};
+
+static void *cancel_root_at_barrier(void *arg)
+{
+	struct two_on_one *t = arg;
+	pthread_barrier_wait(&t->bar);
+	t->rc = ctx_cancel(t->root);
+	return NULL;
+}
+
+static bool subtree_done_and_readable(ctx_t **kids, const int *fds, int n)
+{
+	for (int i = 0; i < n; i++)
+		if (ctx_err(kids[i]) != ECANCELED || !readable_now(fds[i]))
+			return false;
+	return true;
+}
+
+Test(threads, a_second_cancel_returns_only_when_the_first_has_finished)
+{
+	enum { KIDS = 300 };
+	int rounds = SCALE(300, 40), bad = 0;
+	static ctx_t *kids[KIDS];
+	static int fds[KIDS];
+	struct two_on_one t;
+	pthread_barrier_init(&t.bar, NULL, 2);
+	for (int r = 0; r < rounds; r++) {
+		t.root = ctx_with_cancel(ctx_background());
+		for (int i = 0; i < KIDS; i++) {
+			kids[i] = ctx_with_cancel(t.root);
+			fds[i] = ctx_fd(kids[i]);
+			cr_assert_geq(fds[i], 0);
+		}
+		pthread_t th;
+		cr_assert_eq(pthread_create(&th, NULL, cancel_root_at_barrier, &t), 0);
+		pthread_barrier_wait(&t.bar);
+		int rc = ctx_cancel(t.root);
+		bool ok = subtree_done_and_readable(kids, fds, KIDS);
+		pthread_join(th, NULL);
+		cr_assert(rc == 0 || t.rc == 0, "one of the two cancels made it done");
+		cr_assert(rc == EALREADY || t.rc == EALREADY);
+		if (!ok)
+			bad++;
+		for (int i = 0; i < KIDS; i++)
+			ctx_unref(kids[i]);
+		ctx_unref(t.root);
+	}
+	pthread_barrier_destroy(&t.bar);
+	cr_assert_eq(bad, 0, "subtree not done when this thread's cancel returned, %d of %d rounds",
+		     bad, rounds);
+}
+
+/* A reader that sees the parent done must see every child done, with the
+ * parent's err and cause if it saw the parent done before the child's own
+ * deadline (a child walked last, whose deadline is near: it must not time
+ * out on its own after the reader saw the parent cancelled). */
+struct parent_first {
+	ctx_t *volatile parent, *volatile child;
+	_Atomic int64_t child_deadline;
+	atomic_int round, done_round, child_live, child_wrong;
+};
+
+static void *observe_parent_then_child(void *arg)
+{
+	struct parent_first *r = arg;
+	for (int k = 1;; k++) {
+		int cur;
+		while ((cur = atomic_load(&r->round)) != k)
+			if (cur < 0)
+				return NULL;
+		while (!ctx_err(r->parent))
+			;
+		int64_t seen = now_ns();
+		if (ctx_err(r->child) == 0)
+			atomic_fetch_add(&r->child_live, 1);
+		if (seen < atomic_load(&r->child_deadline)) {
+			while (now_ns() < atomic_load(&r->child_deadline))
+				;
+			if (ctx_err(r->child) != ECANCELED || ctx_cause(r->child) != 4242)
+				atomic_fetch_add(&r->child_wrong, 1);
+		}
+		atomic_store(&r->done_round, k);
+	}
+}
+
+Test(threads, a_reader_never_sees_a_parent_done_before_its_children)
+{
+	enum { KIDS = 300 };
+	int rounds = SCALE(40, 10);
+	static ctx_t *kids[KIDS];
+	struct parent_first r = {.round = 0};
+	pthread_t t;
+	cr_assert_eq(pthread_create(&t, NULL, observe_parent_then_child, &r), 0);
+	for (int k = 1; k <= rounds; k++) {
+		r.parent = ctx_with_cancel(ctx_background());
+		/* Created first, so the cancel's walk reaches it last. */
+		r.child = ctx_with_timeout_cause(r.parent, 10 * CTX_MSEC, 77);
+		cr_assert_geq(ctx_fd(r.child), 0);
+		for (int i = 0; i < KIDS; i++) {
+			kids[i] = ctx_with_cancel(r.parent);
+			cr_assert_geq(ctx_fd(kids[i]), 0);
+		}
+		struct timespec d;
+		cr_assert(ctx_deadline(r.child, &d));
+		int64_t deadline = (int64_t)d.tv_sec * CTX_SEC + d.tv_nsec;
+		atomic_store(&r.child_deadline, deadline);
+		while (now_ns() < deadline - 2 * CTX_MSEC)
+			; /* cancel the parent shortly before the child's deadline */
+		atomic_store(&r.round, k);
+		cr_assert_eq(ctx_cancel_cause(r.parent, 4242), 0);
+		while (atomic_load(&r.done_round) != k)
+			;
+		for (int i = 0; i < KIDS; i++)
+			ctx_unref(kids[i]);
+		ctx_unref(r.child);
+		ctx_unref(r.parent);
+	}
+	atomic_store(&r.round, -1);
+	pthread_join(t, NULL);
+	cr_assert_eq(atomic_load(&r.child_live), 0, "child live after parent seen done");
+	cr_assert_eq(atomic_load(&r.child_wrong), 0, "child not given the parent's err and cause");
+}
