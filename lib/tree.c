@@ -178,8 +178,10 @@ static void cascade(struct ctxi_cancel *root)
 	/* The caller holds root's lock, and root is done. */
 	ctxi_fd_signal(root);
 	/* root->next still links root in its anchor's list: the stack link of
-	 * a visited node is only read below the root. */
-	while (top) {
+	 * a visited node is only read below the root.  (do-while: root is not
+	 * NULL, and GCC's -Wstringop-overflow would otherwise follow the path
+	 * where it is.) */
+	do {
 		struct ctxi_cancel *n = top;
 		struct ctxi_cancel *ch = n->children;
 		if (!ch) { /* subtree finished: publish, pop */
@@ -230,7 +232,7 @@ static void cascade(struct ctxi_cancel *root)
 		/* Last touch of a child we hold no reference to: from here on
 		 * its free path need not wait for n's lock. */
 		atomic_store_explicit(&ch->base.linked, 0, memory_order_release);
-	}
+	} while (top);
 	ctxi_unlock(&root->lock);
 	while (drop) {
 		struct ctxi_cancel *n = drop;
