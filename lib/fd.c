@@ -41,12 +41,16 @@ static void fire_timerfd(int fd)
 	 * Re-arming an expired timer clears its readiness for a moment, so
 	 * leave it alone if the deadline already fired it.  If the deadline
 	 * fires between the poll and the settime, readiness blinks off until
-	 * the timer interrupt a moment later: the price of such kernels. */
+	 * the timer interrupt a moment later: the price of such kernels.  The
+	 * caller holds the node's lock: wait (bounded) for that interrupt, so
+	 * the fd is readable before the lock goes and before ctx_cancel()
+	 * returns, and a second signaller finds it readable. */
 	struct pollfd p = {.fd = fd, .events = POLLIN};
 	if (poll(&p, 1, 0) == 1)
 		return;
 	struct itimerspec past = {.it_value = {.tv_sec = 0, .tv_nsec = 1}};
-	timerfd_settime(fd, TFD_TIMER_ABSTIME, &past, NULL);
+	if (timerfd_settime(fd, TFD_TIMER_ABSTIME, &past, NULL) == 0)
+		poll(&p, 1, 100);
 }
 
 void ctxi_fd_signal(struct ctxi_cancel *c)
