@@ -135,7 +135,7 @@ static bool heap_reserve(void)
 static void wake_thread(void)
 {
 	atomic_fetch_add_explicit(&wake_seq, 1, memory_order_seq_cst);
-	syscall(SYS_futex, &wake_seq, FUTEX_WAKE_PRIVATE, 1, NULL, NULL, 0);
+	ctxi_futex(&wake_seq, FUTEX_WAKE, 1, NULL);
 }
 
 static void run(struct ctx_after *a)
@@ -235,7 +235,7 @@ static void *loop(void *unused)
 				rel = ctxi_ts(left > 0 ? left : 0);
 				timeout = &rel;
 			}
-			syscall(SYS_futex, &wake_seq, FUTEX_WAIT_PRIVATE, seq, timeout, NULL, 0);
+			ctxi_futex(&wake_seq, FUTEX_WAIT, seq, timeout);
 		}
 		atomic_store_explicit(&idle, false, memory_order_relaxed);
 	}

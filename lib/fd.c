@@ -27,16 +27,24 @@
 /* TFD_IOC_SET_TICKS needs CONFIG_CHECKPOINT_RESTORE; 0 once it failed. */
 static _Atomic int ticks_work = 1;
 
+/* Makes the timerfd readable at once; false where the kernel cannot. */
+static bool set_ticks(int fd)
+{
+	if (!atomic_load_explicit(&ticks_work, memory_order_relaxed))
+		return false;
+	uint64_t one = 1;
+	if (ioctl(fd, TFD_IOC_SET_TICKS, &one) == 0)
+		return true;
+	/* ENOTTY/EINVAL without CONFIG_CHECKPOINT_RESTORE; a seccomp filter
+	 * may say EPERM or ENOSYS.  Any failure is permanent. */
+	atomic_store_explicit(&ticks_work, 0, memory_order_relaxed);
+	return false;
+}
+
 static void fire_timerfd(int fd)
 {
-	if (atomic_load_explicit(&ticks_work, memory_order_relaxed)) {
-		uint64_t one = 1;
-		if (ioctl(fd, TFD_IOC_SET_TICKS, &one) == 0)
-			return;
-		/* ENOTTY/EINVAL without CONFIG_CHECKPOINT_RESTORE; a seccomp
-		 * filter may say EPERM or ENOSYS.  Any failure is permanent. */
-		atomic_store_explicit(&ticks_work, 0, memory_order_relaxed);
-	}
+	if (set_ticks(fd))
+		return;
 	/* Fallback: re-arm to an instant in the past ({0,0} would disarm).
 	 * Re-arming an expired timer clears its readiness for a moment, so
 	 * leave it alone if the deadline already fired it.  If the deadline
@@ -76,11 +84,8 @@ void ctxi_fd_signal(struct ctxi_cancel *c)
 void ctxi_fd_expire(struct ctxi_cancel *c)
 {
 	int v = atomic_load_explicit(&c->fd, memory_order_acquire);
-	if (v >= 0 && (v & 1) && atomic_load_explicit(&ticks_work, memory_order_relaxed)) {
-		uint64_t one = 1;
-		if (ioctl(v >> 1, TFD_IOC_SET_TICKS, &one) < 0)
-			atomic_store_explicit(&ticks_work, 0, memory_order_relaxed);
-	}
+	if (v >= 0 && (v & 1))
+		set_ticks(v >> 1);
 }
 
 void ctxi_fd_close(struct ctxi_cancel *c)

@@ -167,9 +167,12 @@ static inline void ctxi_cpu_relax(void)
 
 /* A 3-state futex mutex (0 free, 1 locked, 2 locked with waiters): 4 bytes
  * instead of pthread_mutex_t's 40, which keeps a node in a 64-byte chunk. */
-static inline void ctxi_futex(_Atomic uint32_t *addr, int op, uint32_t val)
+/* FUTEX_WAIT (until *addr != val, or the relative timeout, NULL: none) or
+ * FUTEX_WAKE (val waiters), process-private. */
+static inline void ctxi_futex(_Atomic uint32_t *addr, int op, uint32_t val,
+			      const struct timespec *timeout)
 {
-	syscall(SYS_futex, addr, op | FUTEX_PRIVATE_FLAG, val, NULL, NULL, 0);
+	syscall(SYS_futex, addr, op | FUTEX_PRIVATE_FLAG, val, timeout, NULL, 0);
 }
 
 /* Acquiring is seq_cst (free on x86, where every locked instruction is a
@@ -191,7 +194,7 @@ static inline void ctxi_lock(_Atomic uint32_t *l)
 	if (c != 2)
 		c = atomic_exchange_explicit(l, 2, memory_order_seq_cst);
 	while (c != 0) {
-		ctxi_futex(l, FUTEX_WAIT, 2);
+		ctxi_futex(l, FUTEX_WAIT, 2, NULL);
 		c = atomic_exchange_explicit(l, 2, memory_order_seq_cst);
 	}
 }
@@ -199,7 +202,7 @@ static inline void ctxi_lock(_Atomic uint32_t *l)
 static inline void ctxi_unlock(_Atomic uint32_t *l)
 {
 	if (atomic_exchange_explicit(l, 0, memory_order_release) != 1)
-		ctxi_futex(l, FUTEX_WAKE, 1);
+		ctxi_futex(l, FUTEX_WAKE, 1, NULL);
 }
 
 /* Allocation, with a fault-injection hook for the tests: while

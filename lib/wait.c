@@ -24,16 +24,14 @@ void ctxi_wake_nofd_waiters(void)
 	if (!atomic_load_explicit(&nofd_waiters, memory_order_seq_cst))
 		return;
 	atomic_fetch_add_explicit(&nofd_seq, 1, memory_order_seq_cst);
-	syscall(SYS_futex, &nofd_seq, FUTEX_WAKE_PRIVATE, INT_MAX, NULL, NULL, 0);
+	ctxi_futex(&nofd_seq, FUTEX_WAKE, INT_MAX, NULL);
 }
 
-/* The waiter's look at the state: seq_cst, to pair with the cancel's CAS. */
+/* The waiter's look at the state (ctxi_state's load is seq_cst, pairing with
+ * the cancel's CAS). */
 static int err_now(struct ctxi_cancel *anchor)
 {
-	if (!anchor)
-		return 0;
-	uint64_t s = atomic_load_explicit(&anchor->state, memory_order_seq_cst);
-	return ctxi_state_err(s ? s : ctxi_state(anchor));
+	return anchor ? ctxi_state_err(ctxi_state(anchor)) : 0;
 }
 
 int ctxi_wait_nofd(ctx_t *ctx, int64_t until)
@@ -62,7 +60,7 @@ int ctxi_wait_nofd(ctx_t *ctx, int64_t until)
 			rel = ctxi_ts(left);
 			timeout = &rel;
 		}
-		syscall(SYS_futex, &nofd_seq, FUTEX_WAIT_PRIVATE, seq, timeout, NULL, 0);
+		ctxi_futex(&nofd_seq, FUTEX_WAIT, seq, timeout);
 	}
 	atomic_fetch_sub_explicit(&nofd_waiters, 1, memory_order_seq_cst);
 	/* err_now() counts a cancel still writing fds as done; ctx_err()
