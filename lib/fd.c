@@ -160,6 +160,7 @@ int ctx_fd(ctx_t *ctx)
 	int v = atomic_load_explicit(&c->fd, memory_order_acquire);
 	if (v >= 0)
 		return v >> 1;
+	ctxi_register(c); /* from now on cancels write the fd (lib/tree.c) */
 	ctxi_lock(&c->lock);
 	v = atomic_load_explicit(&c->fd, memory_order_relaxed);
 	int fd = v >= 0 ? v >> 1 : create_fd(c);

@@ -49,6 +49,11 @@ struct ctx {
 	 * ctxi_unlink() under the anchor's lock; so ctxi_unlink() can skip the
 	 * anchor's lock when it reads 0 (acquire). */
 	_Atomic uint8_t linked;
+	/* Cancellable nodes: 1 once cancel cascades keep this node's state
+	 * (it has no anchor, or it was linked into its anchor's list); never
+	 * cleared.  0 on a lazy leaf (see "Lazy registration" in lib/tree.c),
+	 * whose state is its own or, if that is 0, its anchor's. */
+	_Atomic uint8_t reg;
 	ctx_t *parent; /* holds a reference; NULL on roots */
 };
 
@@ -146,6 +151,28 @@ static inline uint64_t ctxi_state(struct ctxi_cancel *c)
 		return s;
 	return ctxi_state_timed(c);
 }
+
+/* lib/tree.c: the state of a lazy node that has none of its own: its
+ * anchor's, latched into it, or 0. */
+uint64_t ctxi_derive(struct ctxi_cancel *c);
+
+/*
+ * The state of a cancellable node as readers must see it: its own, or, on a
+ * lazy node, the state it inherits from its anchor.  Never PENDING on a lazy
+ * node; may be on a registered one (the caller waits, as ctx_err() does).
+ */
+static inline uint64_t ctxi_state_full(struct ctxi_cancel *c)
+{
+	uint64_t s = ctxi_state(c);
+	if (s || atomic_load_explicit(&c->base.reg, memory_order_acquire))
+		return s;
+	return ctxi_derive(c);
+}
+
+/* lib/tree.c: makes a lazy node registered (or done), so that cancel
+ * cascades keep its state from now on.  Call before linking anything under
+ * `c` or creating its fd; takes and releases c's anchor's lock. */
+void ctxi_register(struct ctxi_cancel *c);
 
 /* The cancellable node that decides whether `c` is done, or NULL if `c` can
  * never be done.  Value nodes are transparent. */

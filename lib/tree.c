@@ -73,6 +73,69 @@ void ctxi_unlink(struct ctxi_cancel *c)
 	ctxi_unlock(&anchor->lock);
 }
 
+/*
+ * Lazy registration.  A cancellable child with no deadline starts as a lazy
+ * leaf: it holds a reference to its parent but is not in its anchor's
+ * children list, so creating, cancelling and freeing it take no lock.  No
+ * cascade sets its state; a reader that finds its own state 0 looks at its
+ * anchor's (ctxi_derive), which is authoritative because a lazy node's
+ * anchor is always registered or done: ctxi_register(anchor) runs before
+ * any child is made under it.
+ *
+ * A lazy node is registered (linked under its anchor's lock, reg = 1) the
+ * first time it needs a cascade to reach it: before it gets an fd, a child,
+ * or an after-function.  So lazy nodes are leaves, without fds, and a cancel
+ * walks only the registered part of the tree.  Nodes with a deadline are
+ * registered at birth: deriving their err would have to know whether the
+ * anchor's cancel came before their own deadline.
+ *
+ * Whoever first sees a lazy node done through its anchor latches the
+ * anchor's state into it by CAS, so err and cause are fixed by one CAS, as
+ * on registered nodes: its own cancel, a reader, or ctxi_register() wins.
+ */
+uint64_t ctxi_derive(struct ctxi_cancel *c)
+{
+	struct ctxi_cancel *a = ctxi_anchor(c->base.parent);
+	uint64_t sa = ctxi_state(a);
+	if (!sa)
+		return 0;
+	if (sa & CTXI_PENDING) {
+		/* a's cancel is still walking its subtree: it is not done yet
+		 * for readers, and neither is c.  Its walk may also be about
+		 * to claim c, if c was registered since our look at reg. */
+		return 0;
+	}
+	uint64_t cur = 0;
+	if (atomic_compare_exchange_strong_explicit(&c->state, &cur, sa, memory_order_seq_cst,
+						    memory_order_acquire))
+		return sa;
+	return cur;
+}
+
+void ctxi_register(struct ctxi_cancel *c)
+{
+	if (atomic_load_explicit(&c->base.reg, memory_order_acquire) ||
+	    atomic_load_explicit(&c->state, memory_order_acquire))
+		return;
+	struct ctxi_cancel *a = ctxi_anchor(c->base.parent);
+	ctxi_lock(&a->lock);
+	if (!atomic_load_explicit(&c->base.reg, memory_order_relaxed)) {
+		uint64_t sa = ctxi_state(a);
+		uint64_t cur = 0;
+		if (sa) {
+			/* Done: no cascade will come, c inherits a's state
+			 * (final: c has no fd yet to be PENDING for). */
+			atomic_compare_exchange_strong_explicit(&c->state, &cur, ctxi_final(sa),
+								memory_order_seq_cst,
+								memory_order_relaxed);
+		} else if (!atomic_load_explicit(&c->state, memory_order_seq_cst)) {
+			ctxi_link(a, c);
+			atomic_store_explicit(&c->base.reg, 1, memory_order_release);
+		}
+	}
+	ctxi_unlock(&a->lock);
+}
+
 static void free_chain(ctx_t *c)
 {
 	while (c) {
@@ -104,6 +167,15 @@ void ctx_unref(ctx_t *c)
 {
 	if (!c || c->kind == CTXI_ROOT)
 		return;
+	/* The last reference of a node no cascade can find (one that is not in
+	 * its anchor's list) cannot be shared any more: free it without the
+	 * atomic decrement.  A linked node may be referenced by a cascade
+	 * (ref_if_live), which clears `linked` (release) only after that. */
+	if ((!ctxi_cancellable(c) || !atomic_load_explicit(&c->linked, memory_order_acquire)) &&
+	    atomic_load_explicit(&c->refs, memory_order_acquire) == 1) {
+		free_chain(c);
+		return;
+	}
 	if (atomic_fetch_sub_explicit(&c->refs, 1, memory_order_acq_rel) == 1)
 		free_chain(c);
 }
@@ -251,7 +323,8 @@ int ctx_cancel_cause(ctx_t *c, int cause)
 	if (!c || !ctxi_cancellable(c))
 		return EINVAL;
 	struct ctxi_cancel *n = (struct ctxi_cancel *)c;
-	uint64_t cur = ctxi_state(n); /* latches a passed deadline first */
+	/* Latches a passed deadline, or a lazy node's inherited state, first. */
+	uint64_t cur = ctxi_state_full(n);
 	uint64_t st = ctxi_mkstate(ECANCELED, cause ? cause : ECANCELED);
 	/* seq_cst: quiet_leaf() and lib/wait.c's fd-less waiters pair with it. */
 	bool mine = !cur && atomic_compare_exchange_strong_explicit(
@@ -338,11 +411,22 @@ static ctx_t *new_cancel(ctx_t *parent, int64_t own, int own_cause)
 		t->deadline = deadline;
 		t->dcause = dcause;
 	}
+	if (!anchor) {
+		atomic_init(&n->base.reg, 1); /* nothing above can cancel it */
+		return &n->base;
+	}
+	/* A lazy node's anchor is registered or done (see ctxi_derive). */
+	ctxi_register(anchor);
+	if (!timed) {
+		atomic_init(&n->base.reg, 0); /* a lazy leaf: no lock, no link */
+		return &n->base;
+	}
 	/* A child of a done parent is born done with the parent's err and
 	 * cause.  A deadline that has already passed needs no special case:
 	 * ctxi_state() latches ETIMEDOUT at the first look, and as in Go a done
 	 * parent wins over it. */
-	if (anchor) {
+	atomic_init(&n->base.reg, 1);
+	{
 		ctxi_lock(&anchor->lock);
 		uint64_t st = ctxi_state(anchor);
 		if (st) /* no fd yet: nothing to be PENDING for */
@@ -473,7 +557,7 @@ static inline uint64_t state_of(ctx_t *c)
 	struct ctxi_cancel *anchor = ctxi_anchor(c);
 	if (!anchor)
 		return 0;
-	uint64_t s = ctxi_state(anchor);
+	uint64_t s = ctxi_state_full(anchor);
 	if (__builtin_expect(s & CTXI_PENDING, 0))
 		s = wait_published(anchor);
 	return s;

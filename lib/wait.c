@@ -31,7 +31,7 @@ void ctxi_wake_nofd_waiters(void)
  * the cancel's CAS). */
 static int err_now(struct ctxi_cancel *anchor)
 {
-	return anchor ? ctxi_state_err(ctxi_state(anchor)) : 0;
+	return anchor ? ctxi_state_err(ctxi_state_full(anchor)) : 0;
 }
 
 int ctxi_wait_nofd(ctx_t *ctx, int64_t until)
