@@ -14,6 +14,8 @@
 #include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <sys/eventfd.h>
+#include <unistd.h>
 
 #if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
 #define SANITIZED 1
@@ -1016,4 +1018,206 @@ Test(threads, a_reader_never_sees_a_parent_done_before_its_children)
 	pthread_join(t, NULL);
 	cr_assert_eq(atomic_load(&r.child_live), 0, "child live after parent seen done");
 	cr_assert_eq(atomic_load(&r.child_wrong), 0, "child not given the parent's err and cause");
+}
+
+/* ------------------------------------------------------------------------ */
+/* Lazy leaves: a child with no deadline, no fd, no child and no
+ * after-function is not in its parent's list; readers derive its state from
+ * the parent (lib/tree.c, "Lazy registration").  These races aim at that. */
+
+#define LAZY_READERS 2
+
+struct lazy_race {
+	pthread_barrier_t go, done;
+	ctx_t *parent, *leaf;
+	int parent_ret, leaf_ret;
+	int seen[LAZY_READERS]; /* the first cause each reader saw on the leaf */
+	int rounds;
+};
+
+static void *lazy_cancel_parent(void *arg)
+{
+	struct lazy_race *r = arg;
+	for (int n = 0; n < r->rounds; n++) {
+		pthread_barrier_wait(&r->go);
+		r->parent_ret = ctx_cancel_cause(r->parent, 11);
+		pthread_barrier_wait(&r->done);
+	}
+	return NULL;
+}
+
+static void *lazy_cancel_leaf(void *arg)
+{
+	struct lazy_race *r = arg;
+	for (int n = 0; n < r->rounds; n++) {
+		pthread_barrier_wait(&r->go);
+		r->leaf_ret = ctx_cancel_cause(r->leaf, 22);
+		pthread_barrier_wait(&r->done);
+	}
+	return NULL;
+}
+
+struct lazy_reader {
+	struct lazy_race *r;
+	int i;
+};
+
+/* Reads the leaf until it is done; the parent seen done first means the
+ * leaf must be done too, and a leaf seen done never changes its cause. */
+static void *lazy_read_leaf(void *arg)
+{
+	struct lazy_reader *a = arg;
+	struct lazy_race *r = a->r;
+	for (int n = 0; n < r->rounds; n++) {
+		pthread_barrier_wait(&r->go);
+		int64_t bound = now_ns() + 5 * CTX_SEC;
+		int cause = 0;
+		while (now_ns() < bound) {
+			bool parent_done = ctx_err(r->parent) != 0;
+			cause = ctx_cause(r->leaf);
+			if (parent_done)
+				CHECK(cause != 0);
+			if (cause)
+				break;
+		}
+		r->seen[a->i] = cause;
+		CHECK(ctx_cause(r->leaf) == cause);
+		pthread_barrier_wait(&r->done);
+	}
+	return NULL;
+}
+
+Test(threads, a_lazy_leaf_racing_its_parents_cancel_gets_one_cause_for_every_reader)
+{
+	struct lazy_race r = {.rounds = SCALE(3000, 300)};
+	pthread_barrier_init(&r.go, NULL, 3 + LAZY_READERS);
+	pthread_barrier_init(&r.done, NULL, 3 + LAZY_READERS);
+	pthread_t tp, tl, tr[LAZY_READERS];
+	struct lazy_reader ra[LAZY_READERS];
+	start(&tp, lazy_cancel_parent, &r);
+	start(&tl, lazy_cancel_leaf, &r);
+	for (int i = 0; i < LAZY_READERS; i++) {
+		ra[i] = (struct lazy_reader){&r, i};
+		start(&tr[i], lazy_read_leaf, &ra[i]);
+	}
+	int leaf_won = 0, parent_won = 0;
+	for (int n = 0; n < r.rounds; n++) {
+		r.parent = ctx_with_cancel(ctx_background());
+		/* Through a value node half of the time: its anchor is the parent. */
+		ctx_t *mid = n % 2 ? ctx_with_value(r.parent, &key, NULL, NULL) : ctx_ref(r.parent);
+		r.leaf = ctx_with_cancel(mid);
+		pthread_barrier_wait(&r.go);
+		pthread_barrier_wait(&r.done);
+		cr_assert_eq(r.parent_ret, 0);
+		cr_assert_eq(ctx_err(r.leaf), ECANCELED);
+		int cause = ctx_cause(r.leaf);
+		if (r.leaf_ret == 0) {
+			cr_assert_eq(cause, 22, "round %d: the leaf's own cancel won, cause %d", n, cause);
+			leaf_won++;
+		} else {
+			cr_assert_eq(r.leaf_ret, EALREADY);
+			cr_assert_eq(cause, 11, "round %d: the parent's cancel won, cause %d", n, cause);
+			parent_won++;
+		}
+		for (int i = 0; i < LAZY_READERS; i++)
+			cr_assert_eq(r.seen[i], cause, "round %d: reader %d saw cause %d, final %d", n,
+				     i, r.seen[i], cause);
+		cr_assert_eq(ctx_cancel(r.leaf), EALREADY);
+		cr_assert_eq(ctx_cause(r.leaf), cause);
+		ctx_unref(r.leaf);
+		ctx_unref(mid);
+		ctx_unref(r.parent);
+	}
+	for (int i = 0; i < LAZY_READERS; i++)
+		join(tr[i]);
+	join(tp);
+	join(tl);
+	ASSERT_NO_FAILURES();
+	cr_log_info("leaf's own cancel won %d rounds, the parent's %d", leaf_won, parent_won);
+	pthread_barrier_destroy(&r.go);
+	pthread_barrier_destroy(&r.done);
+}
+
+/* What turns a lazy leaf into a registered node, racing the parent's cancel:
+ * whichever comes first, once the cancel has returned the leaf is done, its
+ * fd readable, its child done and its after-function run. */
+struct register_race {
+	pthread_barrier_t go, done;
+	ctx_t *parent, *leaf, *grandchild;
+	int how, fd, after_efd, rounds;
+};
+
+static void after_signal(void *arg)
+{
+	uint64_t one = 1;
+	CHECK(write(*(int *)arg, &one, sizeof one) == sizeof one);
+}
+
+static void *register_leaf(void *arg)
+{
+	struct register_race *r = arg;
+	for (int n = 0; n < r->rounds; n++) {
+		pthread_barrier_wait(&r->go);
+		switch (r->how) {
+		case 0:
+			r->fd = ctx_fd(r->leaf);
+			break;
+		case 1:
+			r->grandchild = ctx_with_cancel(r->leaf);
+			r->fd = ctx_fd(r->grandchild);
+			break;
+		case 2:
+			r->grandchild = ctx_with_timeout(r->leaf, 3600 * CTX_SEC);
+			break;
+		default:
+			CHECK(ctx_after_func(r->leaf, after_signal, &r->after_efd, NULL) == 0);
+		}
+		pthread_barrier_wait(&r->done);
+	}
+	return NULL;
+}
+
+Test(threads, a_lazy_leaf_registered_while_its_parent_is_cancelled_ends_up_done)
+{
+	ctx_fd(ctx_background());
+	int base = open_fd_count();
+	struct register_race r = {.rounds = SCALE(2000, 300)};
+	r.after_efd = eventfd(0, EFD_CLOEXEC);
+	cr_assert_geq(r.after_efd, 0);
+	pthread_barrier_init(&r.go, NULL, 2);
+	pthread_barrier_init(&r.done, NULL, 2);
+	pthread_t t;
+	start(&t, register_leaf, &r);
+	for (int n = 0; n < r.rounds; n++) {
+		r.how = n % 4;
+		r.fd = -1;
+		r.grandchild = NULL;
+		r.parent = ctx_with_cancel(ctx_background());
+		r.leaf = ctx_with_cancel(r.parent);
+		pthread_barrier_wait(&r.go);
+		cr_assert_eq(ctx_cancel_cause(r.parent, 33), 0);
+		pthread_barrier_wait(&r.done);
+		cr_assert_eq(ctx_err(r.leaf), ECANCELED);
+		cr_assert_eq(ctx_cause(r.leaf), 33);
+		if (r.how == 0)
+			cr_assert(readable_now(r.fd), "round %d: the leaf's fd is not readable", n);
+		if (r.grandchild) {
+			cr_assert_eq(ctx_cause(r.grandchild), 33, "round %d (how %d)", n, r.how);
+			cr_assert(readable_now(ctx_fd(r.grandchild)), "round %d (how %d)", n, r.how);
+		}
+		if (r.how == 3) {
+			cr_assert(readable_within(r.after_efd, 5000), "round %d: fn did not run", n);
+			uint64_t v;
+			cr_assert_eq(read(r.after_efd, &v, sizeof v), (ssize_t)sizeof v);
+		}
+		ctx_unref(r.grandchild);
+		ctx_unref(r.leaf);
+		ctx_unref(r.parent);
+	}
+	join(t);
+	ASSERT_NO_FAILURES();
+	close(r.after_efd);
+	cr_assert_eq(open_fd_count(), base);
+	pthread_barrier_destroy(&r.go);
+	pthread_barrier_destroy(&r.done);
 }
