@@ -200,6 +200,24 @@ static bool quiet_leaf(struct ctxi_cancel *c)
 	       atomic_load_explicit(&c->fd, memory_order_acquire) < 0;
 }
 
+/*
+ * True if `c`, done as for quiet_leaf(), has no children and nobody inside
+ * its lock, and its fd, if any, is an eventfd: then a cascade that claimed
+ * it can write that fd and publish it without its lock or a reference, by
+ * the same argument (an fd created later is born readable).  The fd cannot
+ * be closed meanwhile: `c` is in its anchor's list, whose lock the cascade
+ * holds and c's free path waits for.  A timerfd takes the locked path: its
+ * fallback firing relies on the node lock.
+ */
+static bool eventfd_leaf(struct ctxi_cancel *c)
+{
+	if (atomic_load_explicit(&c->lock, memory_order_seq_cst) != 0 ||
+	    __atomic_load_n(&c->children, __ATOMIC_RELAXED))
+		return false;
+	int v = atomic_load_explicit(&c->fd, memory_order_acquire);
+	return v >= 0 && !(v & 1);
+}
+
 /* Ends a node's PENDING phase once its fd has been written (or it has none):
  * ctx_err() readers waiting on the bit see the final state.  Idempotent: a
  * helping walk and the node's own canceller may both do it. */
@@ -289,7 +307,10 @@ static void cascade(struct ctxi_cancel *root)
 			}
 		}
 		if (!after) {
-			if (quiet_leaf(ch)) {
+			if (!cur && eventfd_leaf(ch)) {
+				ctxi_fd_signal(ch); /* claimed here: write, publish */
+				publish(ch);
+			} else if (quiet_leaf(ch)) {
 				if (!cur)
 					publish(ch); /* claimed here, nothing to write */
 			} else if (ref_if_live(&ch->base)) {
