@@ -367,8 +367,7 @@ int ctx_after_func(ctx_t *ctx, void (*fn)(void *), void *arg, ctx_after_t **stop
 	 * cancel may fire it, and the thread run fn and drop the rest. */
 	atomic_fetch_add_explicit(&a->refs, 1, memory_order_relaxed);
 	ctxi_register(anchor); /* so that cancels reach the registration */
-	ctxi_lock(&anchor->lock);
-	bool done = ctxi_state(anchor) != 0;
+	bool done = ctxi_lock_settled(anchor) != 0;
 	if (!done)
 		ctxi_link(anchor, &a->node);
 	ctxi_unlock(&anchor->lock);

@@ -40,6 +40,8 @@ enum ctxi_kind {
 			 context, only a member of an anchor's children list */
 };
 
+enum { CTXI_REG_LAZY, CTXI_REG_LINKED, CTXI_REG_TOP };
+
 struct ctx {
 	_Atomic uint32_t refs; /* unused on CTXI_ROOT */
 	uint8_t kind;
@@ -49,10 +51,11 @@ struct ctx {
 	 * ctxi_unlink() under the anchor's lock; so ctxi_unlink() can skip the
 	 * anchor's lock when it reads 0 (acquire). */
 	_Atomic uint8_t linked;
-	/* Cancellable nodes: 1 once cancel cascades keep this node's state
-	 * (it has no anchor, or it was linked into its anchor's list); never
-	 * cleared.  0 on a lazy leaf (see "Lazy registration" in lib/tree.c),
-	 * whose state is its own or, if that is 0, its anchor's. */
+	/* Cancellable nodes: CTXI_REG_LAZY on a lazy leaf (see "Lazy
+	 * registration" in lib/tree.c), whose state is its own or, if that is
+	 * 0, its anchor's; otherwise cancel cascades keep its state: it has no
+	 * anchor (CTXI_REG_TOP) or was linked into its anchor's list
+	 * (CTXI_REG_LINKED).  Set once, never back to LAZY. */
 	_Atomic uint8_t reg;
 	ctx_t *parent; /* holds a reference; NULL on roots */
 };
@@ -173,6 +176,10 @@ static inline uint64_t ctxi_state_full(struct ctxi_cancel *c)
  * cascades keep its state from now on.  Call before linking anything under
  * `c` or creating its fd; takes and releases c's anchor's lock. */
 void ctxi_register(struct ctxi_cancel *c);
+
+/* lib/tree.c: takes a's lock and returns a's state, waiting out a cancel
+ * that has marked `a` but not yet written its fd (never PENDING). */
+uint64_t ctxi_lock_settled(struct ctxi_cancel *a);
 
 /* The cancellable node that decides whether `c` is done, or NULL if `c` can
  * never be done.  Value nodes are transparent. */

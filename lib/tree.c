@@ -55,13 +55,9 @@ void ctxi_link(struct ctxi_cancel *anchor, struct ctxi_cancel *c)
 	atomic_store_explicit(&c->base.linked, 1, memory_order_relaxed);
 }
 
-/* Removes `c` from its anchor's children list, if it is still there. */
-void ctxi_unlink(struct ctxi_cancel *c)
+/* Under the anchor's lock: out of the list, if it is still there. */
+static void detach_locked(struct ctxi_cancel *c)
 {
-	if (!atomic_load_explicit(&c->base.linked, memory_order_acquire))
-		return; /* a cascade detached it and is done with it */
-	struct ctxi_cancel *anchor = ctxi_anchor(c->base.parent);
-	ctxi_lock(&anchor->lock);
 	if (c->pprev) {
 		set_link(c->pprev, c->next);
 		if (c->next)
@@ -70,6 +66,16 @@ void ctxi_unlink(struct ctxi_cancel *c)
 		c->next = NULL;
 	}
 	atomic_store_explicit(&c->base.linked, 0, memory_order_relaxed);
+}
+
+/* Removes `c` from its anchor's children list, if it is still there. */
+void ctxi_unlink(struct ctxi_cancel *c)
+{
+	if (!atomic_load_explicit(&c->base.linked, memory_order_acquire))
+		return; /* a cascade detached it and is done with it */
+	struct ctxi_cancel *anchor = ctxi_anchor(c->base.parent);
+	ctxi_lock(&anchor->lock);
+	detach_locked(c);
 	ctxi_unlock(&anchor->lock);
 }
 
@@ -112,25 +118,49 @@ uint64_t ctxi_derive(struct ctxi_cancel *c)
 	return cur;
 }
 
+static uint64_t wait_published(struct ctxi_cancel *c);
+
+/* Takes a's lock and returns its state, never PENDING: a cancel that has
+ * marked a but not yet written its fd (it may not have its lock yet) is
+ * waited out first, so that nothing made done from a's state is seen done
+ * before a's fd is readable. */
+uint64_t ctxi_lock_settled(struct ctxi_cancel *a)
+{
+	for (;;) {
+		ctxi_lock(&a->lock);
+		uint64_t s = ctxi_state(a);
+		if (!(s & CTXI_PENDING))
+			return s;
+		ctxi_unlock(&a->lock);
+		wait_published(a);
+	}
+}
+
 void ctxi_register(struct ctxi_cancel *c)
 {
 	if (atomic_load_explicit(&c->base.reg, memory_order_acquire) ||
 	    atomic_load_explicit(&c->state, memory_order_acquire))
 		return;
 	struct ctxi_cancel *a = ctxi_anchor(c->base.parent);
-	ctxi_lock(&a->lock);
+	uint64_t sa = ctxi_lock_settled(a);
 	if (!atomic_load_explicit(&c->base.reg, memory_order_relaxed)) {
-		uint64_t sa = ctxi_state(a);
 		uint64_t cur = 0;
 		if (sa) {
 			/* Done: no cascade will come, c inherits a's state
-			 * (final: c has no fd yet to be PENDING for). */
-			atomic_compare_exchange_strong_explicit(&c->state, &cur, ctxi_final(sa),
+			 * (c has no fd yet to be PENDING for). */
+			atomic_compare_exchange_strong_explicit(&c->state, &cur, sa,
 								memory_order_seq_cst,
 								memory_order_relaxed);
 		} else if (!atomic_load_explicit(&c->state, memory_order_seq_cst)) {
 			ctxi_link(a, c);
-			atomic_store_explicit(&c->base.reg, 1, memory_order_release);
+			atomic_store_explicit(&c->base.reg, CTXI_REG_LINKED, memory_order_release);
+			/* c's own cancel may have marked it since our look and
+			 * found it unlinked (its ctxi_unlink reads `linked`
+			 * after its CAS): then take it out again here, so a
+			 * cancelled child holds no place in a's list. */
+			atomic_store_explicit(&c->base.linked, 1, memory_order_seq_cst);
+			if (atomic_load_explicit(&c->state, memory_order_seq_cst))
+				detach_locked(c);
 		}
 	}
 	ctxi_unlock(&a->lock);
@@ -167,12 +197,15 @@ void ctx_unref(ctx_t *c)
 {
 	if (!c || c->kind == CTXI_ROOT)
 		return;
-	/* The last reference of a node no cascade can find (one that is not in
-	 * its anchor's list) cannot be shared any more: free it without the
-	 * atomic decrement.  A linked node may be referenced by a cascade
-	 * (ref_if_live), which clears `linked` (release) only after that. */
-	if ((!ctxi_cancellable(c) || !atomic_load_explicit(&c->linked, memory_order_acquire)) &&
-	    atomic_load_explicit(&c->refs, memory_order_acquire) == 1) {
+	/* The last reference of a node that no cascade can ever have found
+	 * cannot be shared any more: free it without the atomic decrement.
+	 * The count is read first: 1 means nobody else can register the node
+	 * from now on, and (acquire) shows any registration made by a holder
+	 * that has let go.  A node that was ever in a list may still be
+	 * referenced by a cascade (ref_if_live) whatever `linked` says now. */
+	if (atomic_load_explicit(&c->refs, memory_order_acquire) == 1 &&
+	    (!ctxi_cancellable(c) ||
+	     atomic_load_explicit(&c->reg, memory_order_relaxed) != CTXI_REG_LINKED)) {
 		free_chain(c);
 		return;
 	}
@@ -234,8 +267,10 @@ static void publish(struct ctxi_cancel *c)
  * holds each cancelCtx's mutex while it cancels that node's children.  Each
  * child is marked with its parent's state (err and cause are inherited).
  *
- * A node is marked PENDING, its fd written, and its state published (the bit
- * cleared) only when the walk leaves it, its whole subtree done: ctx_err()
+ * A node is marked PENDING and its fd written when the walk reaches it (so
+ * its fd may be readable before its descendants' are); its state is
+ * published (the bit cleared) only when the walk leaves it, its whole
+ * subtree done: ctx_err()
  * on a node being walked waits for its lock, as Go's Err() waits for the
  * mutex.  So no reader sees a node done while a descendant is not, and a
  * cancel is seen to happen when its walk ends, which keeps "first of" exact:
@@ -337,8 +372,6 @@ static void cascade(struct ctxi_cancel *root)
 		ctxi_after_fire(fire);
 }
 
-static uint64_t wait_published(struct ctxi_cancel *c);
-
 int ctx_cancel_cause(ctx_t *c, int cause)
 {
 	if (!c || !ctxi_cancellable(c))
@@ -433,7 +466,7 @@ static ctx_t *new_cancel(ctx_t *parent, int64_t own, int own_cause)
 		t->dcause = dcause;
 	}
 	if (!anchor) {
-		atomic_init(&n->base.reg, 1); /* nothing above can cancel it */
+		atomic_init(&n->base.reg, CTXI_REG_TOP); /* nothing above can cancel it */
 		return &n->base;
 	}
 	/* A lazy node's anchor is registered or done (see ctxi_derive). */
@@ -446,12 +479,11 @@ static ctx_t *new_cancel(ctx_t *parent, int64_t own, int own_cause)
 	 * cause.  A deadline that has already passed needs no special case:
 	 * ctxi_state() latches ETIMEDOUT at the first look, and as in Go a done
 	 * parent wins over it. */
-	atomic_init(&n->base.reg, 1);
+	atomic_init(&n->base.reg, CTXI_REG_LINKED);
 	{
-		ctxi_lock(&anchor->lock);
-		uint64_t st = ctxi_state(anchor);
+		uint64_t st = ctxi_lock_settled(anchor);
 		if (st) /* no fd yet: nothing to be PENDING for */
-			atomic_store_explicit(&n->state, ctxi_final(st), memory_order_relaxed);
+			atomic_store_explicit(&n->state, st, memory_order_relaxed);
 		else
 			ctxi_link(anchor, n);
 		ctxi_unlock(&anchor->lock);

@@ -1221,3 +1221,74 @@ Test(threads, a_lazy_leaf_registered_while_its_parent_is_cancelled_ends_up_done)
 	pthread_barrier_destroy(&r.go);
 	pthread_barrier_destroy(&r.done);
 }
+
+/* Registering a lazy leaf while its parent's cancel has marked the parent
+ * but not yet written its fd must not make the leaf done early: a leaf seen
+ * done with the parent's cause means the parent's fd is readable. */
+struct settle_race {
+	pthread_barrier_t go, done;
+	ctx_t *parent, **leaves;
+	int parent_fd, nleaves, rounds;
+	int early; /* leaf done while the parent's fd was not readable */
+};
+
+static void *settle_cancel(void *arg)
+{
+	struct settle_race *r = arg;
+	for (int n = 0; n < r->rounds; n++) {
+		pthread_barrier_wait(&r->go);
+		CHECK(ctx_cancel_cause(r->parent, 777) == 0);
+		pthread_barrier_wait(&r->done);
+	}
+	return NULL;
+}
+
+static void *settle_register(void *arg)
+{
+	struct settle_race *r = arg;
+	for (int n = 0; n < r->rounds; n++) {
+		pthread_barrier_wait(&r->go);
+		for (int i = 0; i < r->nleaves; i++) {
+			ctx_t *g = ctx_with_cancel(r->leaves[i]); /* registers the leaf */
+			int cause = ctx_cause(r->leaves[i]);
+			if (cause == 777 && !readable_now(r->parent_fd))
+				r->early++;
+			ctx_unref(g);
+			if (cause)
+				break;
+		}
+		pthread_barrier_wait(&r->done);
+	}
+	return NULL;
+}
+
+Test(threads, a_leaf_registered_during_its_parents_cancel_is_not_done_before_the_parents_fd)
+{
+	enum { LEAVES = 500 };
+	static ctx_t *leaves[LEAVES];
+	struct settle_race r = {.leaves = leaves, .nleaves = LEAVES, .rounds = SCALE(20000, 2000)};
+	pthread_barrier_init(&r.go, NULL, 3);
+	pthread_barrier_init(&r.done, NULL, 3);
+	pthread_t a, b;
+	start(&a, settle_cancel, &r);
+	start(&b, settle_register, &r);
+	for (int n = 0; n < r.rounds; n++) {
+		r.parent = ctx_with_cancel(ctx_background());
+		r.parent_fd = ctx_fd(r.parent);
+		cr_assert_geq(r.parent_fd, 0);
+		for (int i = 0; i < LEAVES; i++)
+			leaves[i] = ctx_with_cancel(r.parent);
+		pthread_barrier_wait(&r.go);
+		pthread_barrier_wait(&r.done);
+		for (int i = 0; i < LEAVES; i++)
+			ctx_unref(leaves[i]);
+		ctx_unref(r.parent);
+	}
+	join(a);
+	join(b);
+	ASSERT_NO_FAILURES();
+	cr_assert_eq(r.early, 0, "%d rounds saw a leaf done before its parent's fd was readable",
+		     r.early);
+	pthread_barrier_destroy(&r.go);
+	pthread_barrier_destroy(&r.done);
+}
