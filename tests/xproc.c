@@ -844,3 +844,47 @@ Test(send, bad_arguments_fail_with_a_clear_errno)
 	close(p[0]);
 	close(p[1]);
 }
+
+/* A forked child inherits the parent's watches: it re-arms them on a watch
+ * thread of its own, and leaves the parent's epoll set alone. */
+Test(with_fd, a_forked_child_keeps_its_inherited_watches_and_the_parent_too)
+{
+#ifdef __SANITIZE_THREAD__
+	cr_skip_test("TSan does not support threads after a multi-threaded fork");
+#endif
+	int p[2], ready[2];
+	cr_assert_eq(pipe2(p, O_CLOEXEC), 0);
+	cr_assert_eq(pipe2(ready, O_CLOEXEC), 0);
+	ctx_t *c = ctx_with_fd(ctx_background(), p[0], EPIPE);
+	cr_assert_not_null(c);
+	int fd = ctx_fd(c);
+	cr_assert_geq(fd, 0);
+	pid_t pid = fork();
+	cr_assert_geq(pid, 0);
+	if (pid == 0) {
+		/* The context fd is the parent's eventfd (an open file both
+		 * share), so the parent's cancel makes it readable here too:
+		 * wait for the child's own copy of the state instead. */
+		if (ctx_err(c))
+			_exit(2);
+		if (write(ready[1], "r", 1) != 1)
+			_exit(3);
+		int64_t end = now_ns() + 5 * CTX_SEC;
+		while (!ctx_err(c) && now_ns() < end) {
+			struct timespec ms = {.tv_nsec = CTX_MSEC};
+			nanosleep(&ms, NULL);
+		}
+		_exit(ctx_cause(c) == EPIPE ? 0 : 5);
+	}
+	cr_assert(readable_within(ready[0], 5000));
+	cr_assert_not(readable_now(fd));
+	cr_assert_eq(write(p[1], "x", 1), 1);
+	cr_assert(readable_within(fd, 5000), "the parent's watch must survive the fork");
+	int status = waitpid_within(pid, 10000);
+	cr_assert(WIFEXITED(status) && WEXITSTATUS(status) == 0, "child status %#x", status);
+	ctx_release(c);
+	close(p[0]);
+	close(p[1]);
+	close(ready[0]);
+	close(ready[1]);
+}
