@@ -351,6 +351,7 @@ ctx_t *ctx_with_fd(ctx_t *parent, int fd, int cause);
  *     thread.
  *   - The signals stay blocked when the context is done: the library cannot
  *     restore other threads' masks.
+ *   - SIGKILL and SIGSTOP cannot be waited for (signalfd ignores them).
  * Returns a new reference, or NULL with errno: EINVAL (parent or set NULL,
  * or an empty set), and the errors of ctx_with_fd(). */
 ctx_t *ctx_with_signals(ctx_t *parent, const sigset_t *set, int cause);
