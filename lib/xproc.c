@@ -142,13 +142,11 @@ static void *loop(void *unused)
 	return NULL;
 }
 
-static void arm(struct watch *w, int ep, int *err)
+/* Adds a watch to the epoll set `ep`; 0 or an errno (EPERM: not pollable). */
+static int arm(struct watch *w, int ep)
 {
 	struct epoll_event e = {.events = EPOLLIN | EPOLLONESHOT, .data.ptr = w};
-	if (epoll_ctl(ep, EPOLL_CTL_ADD, w->fd, &e) < 0)
-		*err = errno;
-	else
-		*err = 0;
+	return epoll_ctl(ep, EPOLL_CTL_ADD, w->fd, &e) < 0 ? errno : 0;
 }
 
 /* Under lk.  Creates the epoll set, the control eventfd and the thread; the
@@ -175,10 +173,9 @@ static int start_thread(void)
 		close(ep);
 		return e;
 	}
-	int err;
 	for (struct watch *w = live; w; w = w->next)
 		if (!atomic_load_explicit(&w->fired, memory_order_relaxed))
-			arm(w, ep, &err); /* a failure leaves that one unarmed */
+			arm(w, ep); /* a failure leaves that one unarmed */
 	epfd = ep;
 	evfd = ev;
 	sigset_t all, old;
@@ -258,7 +255,7 @@ static int watch(ctx_t *c, int fd, int cause, bool consume)
 	pthread_mutex_lock(&lk);
 	int err = start_thread();
 	if (!err)
-		arm(w, epfd, &err);
+		err = arm(w, epfd);
 	if (!err) {
 		live_add(w);
 		atomic_fetch_add(&nlive, 1);

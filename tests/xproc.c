@@ -5,6 +5,7 @@
 #include <signal.h>
 #include <stdatomic.h>
 #include <stdlib.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/syscall.h>
 #include <sys/wait.h>
@@ -293,6 +294,38 @@ Test(with_fd, out_of_memory_fails_with_enomem_and_leaks_nothing)
 	close(p[0]);
 	close(p[1]);
 	cr_assert(settles_within(before, 5000));
+}
+
+Test(with_fd, out_of_fds_fails_with_emfile_and_leaks_nothing)
+{
+	warm_up();
+	int p[2];
+	cr_assert_eq(pipe2(p, O_CLOEXEC), 0);
+	int before = open_fd_count();
+	struct rlimit old, low;
+	cr_assert_eq(getrlimit(RLIMIT_NOFILE, &old), 0);
+	low = old;
+	low.rlim_cur = (rlim_t)p[1] + 8;
+	cr_assert_eq(setrlimit(RLIMIT_NOFILE, &low), 0);
+	int fill[64], n = 0; /* take every fd left under the limit */
+	while (n < 64 && (fill[n] = fcntl(p[0], F_DUPFD_CLOEXEC, 0)) >= 0)
+		n++;
+	cr_assert_lt(n, 64);
+	errno = 0;
+	cr_assert_null(ctx_with_fd(ctx_background(), p[0], 0));
+	cr_assert_eq(errno, EMFILE);
+	sigset_t set;
+	sigemptyset(&set);
+	sigaddset(&set, SIGUSR2);
+	errno = 0;
+	cr_assert_null(ctx_with_signals(ctx_background(), &set, 0));
+	cr_assert_eq(errno, EMFILE);
+	while (n)
+		close(fill[--n]);
+	cr_assert_eq(setrlimit(RLIMIT_NOFILE, &old), 0);
+	cr_assert(settles_within(before, 5000));
+	close(p[0]);
+	close(p[1]);
 }
 
 Test(with_fd, every_fd_it_opens_is_close_on_exec)
