@@ -20,7 +20,8 @@
  *   - Every function may be called on any context from any thread at once, as
  *     long as the caller holds a reference to that context.
  *   - Functions are not async-signal-safe (cancelling takes locks): to cancel
- *     on a signal, read a signalfd in a loop or thread (examples/epoll_server.c).
+ *     on a signal, use ctx_with_signals(), or read a signalfd in a loop or
+ *     thread (examples/epoll_server.c).
  *   - NULL where a context or key is required gives EINVAL, never a crash.
  */
 #ifndef CTX_H
