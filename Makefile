@@ -1,7 +1,7 @@
 # ctx — see README.md.
 #
 #   make            libctx.so.0, libctx.a and the examples, in build/
-#   make demo       build, then run examples/demo and examples/blocking_read
+#   make demo       build, then run examples/demo, blocking_read and xproc
 #   make check      the test suites: plain, ASan+UBSan, TSan (separate builds)
 #   make install    PREFIX=/usr/local DESTDIR= ; make uninstall
 #   make bench      ctx against Go, GLib and the raw system calls (QUICK=1: short)
@@ -112,10 +112,12 @@ deps:
 # Demo and tests
 
 demo: deps
-	$(MAKE) --no-print-directory $(B)/examples/demo $(B)/examples/blocking_read
+	$(MAKE) --no-print-directory $(B)/examples/demo $(B)/examples/blocking_read $(B)/examples/xproc
 	$(B)/examples/demo
 	@echo; echo "== examples/blocking_read: a thread blocked in ctx_read, cancelled, then timed out"
 	$(B)/examples/blocking_read
+	@echo; echo "== examples/xproc: a context sent to a worker process, which the parent cancels"
+	$(B)/examples/xproc
 
 ASAN := -fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=all
 TSAN := -fsanitize=thread
@@ -125,7 +127,8 @@ check: deps
 	$(MAKE) --no-print-directory check-run WERROR=1
 	$(MAKE) --no-print-directory check-abi check-install
 	$(B)/examples/demo > /dev/null && $(B)/examples/blocking_read > /dev/null && \
-		echo "check: examples demo and blocking_read ran clean"
+		$(B)/examples/xproc > /dev/null && \
+		echo "check: examples demo, blocking_read and xproc ran clean"
 	$(MAKE) --no-print-directory check-run WERROR=1 B=build/asan OPT=-O1 SAN="$(ASAN)"
 	$(MAKE) --no-print-directory check-run WERROR=1 B=build/tsan OPT=-O1 SAN="$(TSAN)" TEST_SHIM=1
 	@echo "check: all suites passed (plain, asan+ubsan, tsan)"

@@ -20,7 +20,8 @@
  *   - Every function may be called on any context from any thread at once, as
  *     long as the caller holds a reference to that context.
  *   - Functions are not async-signal-safe (cancelling takes locks): to cancel
- *     on a signal, read a signalfd in a loop or thread (examples/epoll_server.c).
+ *     on a signal, use ctx_with_signals(), or read a signalfd in a loop or
+ *     thread (examples/epoll_server.c).
  *   - NULL where a context or key is required gives EINVAL, never a crash.
  */
 #ifndef CTX_H
@@ -28,6 +29,7 @@
 
 #include <errno.h>
 #include <poll.h>
+#include <signal.h>
 #include <stdbool.h>
 #include <stdint.h>
 #include <sys/socket.h>
@@ -296,6 +298,102 @@ int ctx_accept(ctx_t *ctx, int fd, struct sockaddr *addr, socklen_t *addrlen, in
  * context is done.  After a cancelled connect the socket is in an
  * unspecified state: close it. */
 int ctx_connect(ctx_t *ctx, int fd, const struct sockaddr *addr, socklen_t addrlen);
+
+/* ------------------------------------------------------------------------ */
+/* Between processes
+ *
+ * A context fd crosses process boundaries like any fd (fork, SCM_RIGHTS).
+ * The functions below turn other fds into contexts and carry a context to
+ * another process.  They share one library thread, the "watch thread",
+ * started by the first call that needs it; it blocks every signal and sits
+ * in epoll_wait on the watched fds.  When a watched fd polls readable it
+ * cancels the context; the wake costs one cross-thread hop (tens of
+ * microseconds, see README).  A forked child that inherits live watches
+ * gets its own watch thread at fork() (in the child's fork handler), which
+ * re-arms them there; posix_spawn() runs no fork handlers.
+ *
+ * Lifetime: a watch holds a reference to its context until the context is
+ * done, whatever makes it done (the fd, ctx_cancel(), a parent, a deadline);
+ * then the watch thread closes the library's copy of the fd and drops that
+ * reference.  So release these contexts with ctx_release() (cancel, then
+ * unref), as every cancellable context: a plain ctx_unref() of a context
+ * whose fd never becomes readable keeps it, its fd and its parent alive.
+ */
+
+/* A cancellable child of `parent` (as ctx_with_cancel()) that is also
+ * cancelled, with cause `cause` (0 means ECANCELED), when `fd` polls
+ * readable: POLLIN, POLLHUP or POLLERR.  Typical fds: a pidfd (done when
+ * the process exits), the read end of a pipe (done when a byte arrives or
+ * every writer has closed it, e.g. a parent process that died), an fd
+ * received from another process.  The library works on its own
+ * close-on-exec duplicate of `fd` (F_DUPFD_CLOEXEC), so the caller keeps
+ * its fd and may close it at any time; the library never reads, writes or
+ * changes it (readiness a reader consumes before the watch thread looks may
+ * go unseen: make sure it stays readable, as pidfds and closed pipes do).
+ * Returns a new reference, or NULL with errno: EINVAL (parent NULL), EBADF
+ * (fd not open), EPERM (fd cannot be polled: a regular file, a directory),
+ * EMFILE / ENFILE, ENOMEM, EAGAIN (the watch thread could not start). */
+ctx_t *ctx_with_fd(ctx_t *parent, int fd, int cause);
+
+/* Go's signal.NotifyContext: a cancellable child of `parent` that is
+ * cancelled, with cause `cause` (0 means EINTR), when one of the signals in
+ * `set` is pending for the process (it watches a signalfd).  The library
+ * then consumes that one signal (one read of the signalfd), so a later
+ * ctx_with_signals() on the same signal is not born done; a signal that
+ * arrives after the context is done for another reason stays pending.
+ * Rules, all from the kernel:
+ *   - Block the signals in every thread first: pthread_sigmask() in the
+ *     main thread before any thread starts (threads inherit the mask).  A
+ *     signal some thread does not block is delivered to that thread (its
+ *     handler or default action: SIGINT kills) and never becomes pending.
+ *   - Only process-directed signals are seen: kill(2), a terminal's Ctrl-C,
+ *     sigqueue(2).  A thread-directed one (pthread_kill, tgkill, a fault)
+ *     pends on its target thread, which signalfd cannot see from the watch
+ *     thread.
+ *   - The signals stay blocked when the context is done: the library cannot
+ *     restore other threads' masks.
+ *   - SIGKILL and SIGSTOP cannot be waited for (signalfd ignores them).
+ * Returns a new reference, or NULL with errno: EINVAL (parent or set NULL,
+ * or an empty set), and the errors of ctx_with_fd(). */
+ctx_t *ctx_with_signals(ctx_t *parent, const sigset_t *set, int cause);
+
+/* Sends `ctx` over the AF_UNIX socket `sock` (stream, seqpacket or
+ * datagram) as one small message: its fd (SCM_RIGHTS), its effective
+ * deadline and its deadline's cause, and its err and cause if it is already
+ * done.  A context that can never be done is sent without an fd; sending a
+ * live context creates its fd (ctx_fd()) if it had none.  The sender keeps
+ * its reference.  The receiver's context (ctx_recv_ctx()) is done when this
+ * one is, for as long as this context's fd exists: the peer holds its own
+ * copy of the fd, so even the sender's exit leaves the peer's context live
+ * (release `ctx` with ctx_release() to end the peer's, or send a context
+ * that your exit cancels).  Mirrors sendmsg(2) with MSG_NOSIGNAL: 0, or -1
+ * with errno: EINVAL (ctx NULL), EBADF / ENOTSOCK, EAGAIN on a full
+ * non-blocking socket, EPIPE, ctx_fd()'s EMFILE / ENFILE / ENOMEM. */
+int ctx_send_ctx(int sock, ctx_t *ctx);
+
+/* Receives one message sent by ctx_send_ctx() from `sock` and returns a new
+ * child of `parent` that is done when the sender's context is:
+ *   - a sender already done: the child is born done with the sender's err
+ *     and cause (unless `parent` is done already: then, as always, the
+ *     parent's apply);
+ *   - a live sender: the child has the sender's effective deadline (and its
+ *     cause), so it is done with ETIMEDOUT at the same instant as the
+ *     sender, with no message; it is also watched (as ctx_with_fd()) on the
+ *     received fd and cancelled with err and cause ECANCELED when the
+ *     sender's context is done for another reason (its cause does not
+ *     travel after the send).  The watch owns the received fd;
+ *   - a sender that can never be done: a plain cancellable child.
+ * Deadlines are CLOCK_MONOTONIC instants, which all processes of one boot
+ * share, but not across time namespaces (a container with its own
+ * monotonic offset) or machines.  Blocks as recvmsg(2) does on a blocking
+ * socket (use ctx_poll() first to bound the wait); every fd it receives is
+ * close-on-exec, and any it does not keep is closed.  Returns NULL with
+ * errno: EINVAL (parent NULL), EBADF / ENOTSOCK, EAGAIN (non-blocking socket,
+ * nothing to read), ECONNRESET (end of stream, or an empty message),
+ * EBADMSG (not a ctx_send_ctx() message: wrong size, magic or version,
+ * inconsistent fields, a missing or extra fd, truncated control data), and
+ * the errors of ctx_with_fd().  EINTR is retried. */
+ctx_t *ctx_recv_ctx(int sock, ctx_t *parent);
 
 #ifdef __cplusplus
 }

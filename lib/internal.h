@@ -278,4 +278,8 @@ void ctxi_fd_expire(struct ctxi_cancel *c); /* a passed deadline: fire its timer
 void ctxi_fd_signal(struct ctxi_cancel *c); /* under c's lock, c done */
 void ctxi_fd_close(struct ctxi_cancel *c);  /* at free */
 
+/* lib/xproc.c: the number of fd watches not yet freed by the watch thread
+ * (for the tests' leak checks). */
+int ctxi_watch_count(void);
+
 #endif
