@@ -25,18 +25,6 @@ ctx_t *ctx_ref(ctx_t *c)
 	return c;
 }
 
-/* A reference to a node whose count may already have reached zero (a node
- * found in a children list while it is being freed): fails instead. */
-static bool ref_if_live(ctx_t *c)
-{
-	uint32_t r = atomic_load_explicit(&c->refs, memory_order_relaxed);
-	while (r)
-		if (atomic_compare_exchange_weak_explicit(&c->refs, &r, r + 1, memory_order_relaxed,
-							  memory_order_relaxed))
-			return true;
-	return false;
-}
-
 /* Stores into a list link that may be a node's `children` head, which
  * quiet_leaf() reads without the lock: relaxed atomic, so that read is not a
  * data race.  Every other access happens under the anchor's lock. */
@@ -197,15 +185,10 @@ void ctx_unref(ctx_t *c)
 {
 	if (!c || c->kind == CTXI_ROOT)
 		return;
-	/* The last reference of a node that no cascade can ever have found
-	 * cannot be shared any more: free it without the atomic decrement.
-	 * The count is read first: 1 means nobody else can register the node
-	 * from now on, and (acquire) shows any registration made by a holder
-	 * that has let go.  A node that was ever in a list may still be
-	 * referenced by a cascade (ref_if_live) whatever `linked` says now. */
-	if (atomic_load_explicit(&c->refs, memory_order_acquire) == 1 &&
-	    (!ctxi_cancellable(c) ||
-	     atomic_load_explicit(&c->reg, memory_order_relaxed) != CTXI_REG_LINKED)) {
+	/* The last reference cannot be shared any more (only a holder takes
+	 * another; a cancel walk takes none): free without the atomic
+	 * decrement.  Acquire: the other holders' releases happen before. */
+	if (atomic_load_explicit(&c->refs, memory_order_acquire) == 1) {
 		free_chain(c);
 		return;
 	}
@@ -289,17 +272,19 @@ static void publish(struct ctxi_cancel *c)
  * lock above its starting node, so walks cannot deadlock.  No other path
  * holds two node locks.  The walk needs no recursion and no allocation: a
  * node's `next` is free once it is detached from its anchor's list, so it
- * links the walk's stack, then the list of references to drop after every
- * lock is released (dropping one may free the node, which locks its anchor).
+ * links the walk's stack.
  *
- * A child whose count is already zero is being freed: it has no children,
- * since every child holds a reference to its parent, and it cannot be freed
- * under us: its unlink waits for our lock until we clear its `linked` flag,
- * our last touch of it.  It is only detached and published.
+ * The walk takes no references.  A child stays alive while the walk uses it
+ * because its free path (ctxi_unlink) waits for its parent's lock as long as
+ * its `linked` flag is set, and the walk clears that flag as its last touch
+ * of the child, before it lets the parent's lock go: at once for a leaf,
+ * when it pops a child it descended into.  A child whose count is already
+ * zero is being freed and has no children (every child holds a reference
+ * to its parent): it is only detached and published.
  */
 static void cascade(struct ctxi_cancel *root)
 {
-	struct ctxi_cancel *top = root, *drop = NULL, *fire = NULL;
+	struct ctxi_cancel *top = root, *fire = NULL;
 	/* The caller holds root's lock, and root is done. */
 	ctxi_fd_signal(root);
 	/* root->next still links root in its anchor's list: the stack link of
@@ -313,9 +298,12 @@ static void cascade(struct ctxi_cancel *root)
 			publish(n);
 			top = n == root ? NULL : n->next;
 			if (n != root) {
+				n->next = NULL;
 				ctxi_unlock(&n->lock);
-				n->next = drop;
-				drop = n;
+				/* Last touch of n: from here on its free path
+				 * need not wait for its parent's lock (which
+				 * this walk still holds). */
+				atomic_store_explicit(&n->base.linked, 0, memory_order_release);
 			}
 			continue;
 		}
@@ -348,13 +336,18 @@ static void cascade(struct ctxi_cancel *root)
 			} else if (quiet_leaf(ch)) {
 				if (!cur)
 					publish(ch); /* claimed here, nothing to write */
-			} else if (ref_if_live(&ch->base)) {
+			} else if (!atomic_load_explicit(&ch->base.refs, memory_order_relaxed)) {
+				publish(ch); /* being freed: nobody can be waiting on it */
+			} else {
+				/* Walked with no reference: ch stays `linked`
+				 * until it is popped, so its free path waits
+				 * for n's lock, which this walk holds until
+				 * then. */
 				ctxi_lock(&ch->lock);
 				ctxi_fd_signal(ch);
 				ch->next = n; /* the stack: back to the parent */
 				top = ch;
-			} else {
-				publish(ch); /* being freed: nobody can be waiting on it */
+				continue;
 			}
 		}
 		/* Last touch of a child we hold no reference to: from here on
@@ -362,12 +355,6 @@ static void cascade(struct ctxi_cancel *root)
 		atomic_store_explicit(&ch->base.linked, 0, memory_order_release);
 	} while (top);
 	ctxi_unlock(&root->lock);
-	while (drop) {
-		struct ctxi_cancel *n = drop;
-		drop = n->next;
-		n->next = NULL;
-		ctx_unref(&n->base);
-	}
 	if (fire)
 		ctxi_after_fire(fire);
 }
