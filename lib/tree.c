@@ -278,9 +278,10 @@ static void publish(struct ctxi_cancel *c)
  * because its free path (ctxi_unlink) waits for its parent's lock as long as
  * its `linked` flag is set, and the walk clears that flag as its last touch
  * of the child, before it lets the parent's lock go: at once for a leaf,
- * when it pops a child it descended into.  A child whose count is already
- * zero is being freed and has no children (every child holds a reference
- * to its parent): it is only detached and published.
+ * when it pops a child it descended into.  A child's free path may thus
+ * wait until the walk has finished that child's parent.  A child whose count
+ * is already zero is being freed and has no children (every child holds a
+ * reference to its parent): it is only detached and published.
  */
 static void cascade(struct ctxi_cancel *root)
 {
@@ -337,7 +338,12 @@ static void cascade(struct ctxi_cancel *root)
 				if (!cur)
 					publish(ch); /* claimed here, nothing to write */
 			} else if (!atomic_load_explicit(&ch->base.refs, memory_order_relaxed)) {
-				publish(ch); /* being freed: nobody can be waiting on it */
+				/* Being freed with a decrement (one freed by
+				 * ctx_unref's last-reference path keeps its
+				 * count at 1 and is walked as any other, which
+				 * is safe for the same reason): nobody can be
+				 * waiting on it. */
+				publish(ch);
 			} else {
 				/* Walked with no reference: ch stays `linked`
 				 * until it is popped, so its free path waits
