@@ -62,11 +62,57 @@ static _Thread_local bool on_after_thread;
 
 void (*ctxi_after_linked_hook)(ctx_t *ctx);
 
+/*
+ * Registrations are recycled through a small cache.  Most are allocated by
+ * the caller of ctx_after_func() and freed on the after thread, and glibc's
+ * malloc serves such a cross-thread pair through its arena lock (the
+ * caller's per-thread cache stays empty, the after thread's overflows).
+ */
+#if defined(__SANITIZE_ADDRESS__)
+#define REG_CACHE_MAX 0 /* let ASan see every use after free */
+#else
+#define REG_CACHE_MAX 256
+#endif
+static _Atomic uint32_t reg_cache_lock;
+static struct ctx_after *reg_cache; /* linked through qnext */
+static int reg_cache_len;
+
+static struct ctx_after *reg_alloc(void)
+{
+	/* The fault-injection hook (ctxi_alloc) goes first, cache or not. */
+	if (atomic_load_explicit(&ctxi_fail_allocs, memory_order_relaxed) > 0)
+		return ctxi_alloc(sizeof(struct ctx_after));
+	struct ctx_after *a = NULL;
+	if (__atomic_load_n(&reg_cache, __ATOMIC_RELAXED)) {
+		ctxi_lock(&reg_cache_lock);
+		if ((a = reg_cache)) {
+			__atomic_store_n(&reg_cache, a->qnext, __ATOMIC_RELAXED);
+			reg_cache_len--;
+		}
+		ctxi_unlock(&reg_cache_lock);
+	}
+	return a ? a : malloc(sizeof(*a));
+}
+
+static void reg_free(struct ctx_after *a)
+{
+	ctxi_lock(&reg_cache_lock);
+	bool kept = reg_cache_len < REG_CACHE_MAX;
+	if (kept) {
+		a->qnext = reg_cache;
+		__atomic_store_n(&reg_cache, a, __ATOMIC_RELAXED);
+		reg_cache_len++;
+	}
+	ctxi_unlock(&reg_cache_lock);
+	if (!kept)
+		free(a);
+}
+
 static void put(struct ctx_after *a)
 {
 	if (atomic_fetch_sub_explicit(&a->refs, 1, memory_order_acq_rel) == 1) {
 		ctx_unref(a->node.base.parent); /* NULL once fn has run */
-		free(a);
+		reg_free(a);
 	}
 }
 
@@ -247,11 +293,21 @@ static void *loop(void *unused)
  * child.  Only the forking thread exists there: forget ours and re-create
  * the lock state, so that the child starts a thread on demand (at its next
  * registration or cancel that fires one). */
-static void atfork_prepare(void) { pthread_mutex_lock(&lk); }
-static void atfork_parent(void) { pthread_mutex_unlock(&lk); }
+static void atfork_prepare(void)
+{
+	pthread_mutex_lock(&lk);
+	ctxi_lock(&reg_cache_lock);
+}
+
+static void atfork_parent(void)
+{
+	ctxi_unlock(&reg_cache_lock);
+	pthread_mutex_unlock(&lk);
+}
 
 static void atfork_child(void)
 {
+	atomic_store_explicit(&reg_cache_lock, 0, memory_order_relaxed);
 	pthread_mutex_init(&lk, NULL);
 	pthread_cond_init(&finished, NULL);
 	atomic_store_explicit(&started, false, memory_order_relaxed);
@@ -316,7 +372,8 @@ int ctx_after_func(ctx_t *ctx, void (*fn)(void *), void *arg, ctx_after_t **stop
 		*stop = NULL;
 	if (!ctx || !fn)
 		return EINVAL;
-	struct ctx_after *a = ctxi_alloc(sizeof(*a));
+	pthread_once(&once, init_once); /* the fork handlers, before any lock use */
+	struct ctx_after *a = reg_alloc();
 	if (!a)
 		return ENOMEM;
 	memset(a, 0, sizeof(*a));
@@ -336,7 +393,6 @@ int ctx_after_func(ctx_t *ctx, void (*fn)(void *), void *arg, ctx_after_t **stop
 			put(a);
 		return 0;
 	}
-	pthread_once(&once, init_once);
 	bool timed = anchor->base.kind == CTXI_TIMED;
 	if (timed)
 		a->deadline = ((struct ctxi_timed *)anchor)->deadline;
