@@ -609,31 +609,11 @@ static inline uint64_t state_of(ctx_t *c)
 	return s;
 }
 
-static __attribute__((noinline)) int err_slow(ctx_t *c)
-{
-	return ctxi_state_err(state_of(c));
-}
-
 int ctx_err(ctx_t *c)
 {
 	if (!c)
 		return EINVAL;
-	/* The common cases inline, with every other one a tail call: a live
-	 * context without a deadline that cascades keep, and a published
-	 * done one.  The rest is state_of(). */
-	while (c->kind == CTXI_VALUE)
-		c = c->parent;
-	if (c->kind == CTXI_CANCEL) {
-		struct ctxi_cancel *a = (struct ctxi_cancel *)c;
-		uint64_t s = atomic_load_explicit(&a->state, memory_order_seq_cst);
-		if (s && !(s & CTXI_PENDING))
-			return ctxi_state_err(s);
-		if (!s && atomic_load_explicit(&a->base.reg, memory_order_acquire))
-			return 0;
-	} else if (c->kind != CTXI_TIMED) {
-		return 0; /* never done */
-	}
-	return err_slow(c);
+	return ctxi_state_err(state_of(c));
 }
 
 int ctx_cause(ctx_t *c)
