@@ -11,10 +11,11 @@
  * seq_cst CAS and ctxi_state's seq_cst load: the cascade's quiet-leaf fast
  * path depends on that (lib/tree.c), so keep both seq_cst.
  *
- * Lock order: parent before child, down one path of the tree.  Only the
- * cancel cascade holds more than one node lock (the locks of the path from
- * the cancelled node to the node it visits, see lib/tree.c); every other path
- * holds at most one.  The after-function lock (lib/after.c) is never held
+ * Lock order: parent before child, within one subtree.  Only the cancel
+ * cascade holds more than one node lock (the locks of the path from the
+ * cancelled node to the node it visits, and of nodes below it that it has
+ * finished but not yet flushed, see lib/tree.c); every other path holds at
+ * most one and never blocks while holding it.  The after-function lock (lib/after.c) is never held
  * with a node lock.
  */
 #ifndef CTX_INTERNAL_H

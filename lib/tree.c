@@ -276,8 +276,9 @@ static void publish(struct ctxi_cancel *c)
  * The walk takes no references.  A child stays alive while the walk uses it
  * because its free path (ctxi_unlink) waits for its parent's lock as long as
  * its `linked` flag is set, and the walk clears that flag as its last touch
- * of the child, before it lets the parent's lock go: at once for a leaf,
- * when it pops a child it descended into.  A child's free path may thus
+ * of the child, before it lets the parent's lock go: at the flush after
+ * the child is finished (struct batch), or at once for a leaf it did not
+ * claim.  A child's free path may thus
  * wait until the walk has finished that child's parent.  A child whose count
  * is already zero is being freed and has no children (every child holds a
  * reference to its parent): it is only detached and published.
@@ -416,7 +417,16 @@ static void cascade(struct ctxi_cancel *root)
 				 * until the flush after it is finished, so its
 				 * free path waits for n's lock, which is held
 				 * until then. */
-				ctxi_lock(&ch->lock);
+				/* Before waiting for a lock another thread
+				 * holds, flush: the nodes in the batch are
+				 * done and must not stay PENDING meanwhile. */
+				uint32_t unlocked = 0;
+				if (!atomic_compare_exchange_strong_explicit(
+					    &ch->lock, &unlocked, 1, memory_order_seq_cst,
+					    memory_order_relaxed)) {
+					batch_flush(&b);
+					ctxi_lock(&ch->lock);
+				}
 				batch_signal(&b, ch);
 				ch->next = n; /* the stack: back to the parent */
 				top = ch;
@@ -652,8 +662,10 @@ uint64_t ctxi_state_timed(struct ctxi_cancel *c)
 
 /* Waits out a cancel's PENDING phase.  The canceller holds the node's lock
  * while it walks the node's subtree, and publishes the node before it lets
- * go, so waiting for the lock is waiting for the bit; the canceller may also
- * not have taken the lock yet (or, with nothing to walk, never take it). */
+ * go, so waiting for the lock is mostly waiting for the bit; the canceller
+ * may also not have taken the lock yet, or never take it (a quiet leaf, or
+ * an eventfd leaf waiting in the walk's batch, which the walk flushes before
+ * it waits for any lock). */
 static __attribute__((noinline)) uint64_t wait_published(struct ctxi_cancel *c)
 {
 	for (;;) {
