@@ -887,6 +887,13 @@ Test(with_fd, a_forked_child_keeps_its_inherited_watches_and_the_parent_too)
 #ifdef __SANITIZE_THREAD__
 	cr_skip_test("TSan does not support threads after a multi-threaded fork");
 #endif
+#ifdef __SANITIZE_ADDRESS__
+	/* gcc 12's ASan does not hold its allocator lock across fork(): the
+	 * watch thread the child starts can block forever on a lock another
+	 * parent thread held at the fork (seen 5 runs in 30).  glibc's malloc
+	 * is fork-safe, and the plain build runs this test. */
+	cr_skip_test("ASan's allocator is not fork-safe with threads");
+#endif
 	int p[2], ready[2];
 	cr_assert_eq(pipe2(p, O_CLOEXEC), 0);
 	cr_assert_eq(pipe2(ready, O_CLOEXEC), 0);
