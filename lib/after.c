@@ -321,21 +321,26 @@ static void init_once(void)
 	pthread_atfork(atfork_prepare, atfork_parent, atfork_child);
 }
 
-/* Under lk.  The thread blocks every signal: they belong to the program. */
-static int start_thread(void)
+int ctxi_spawn(pthread_t *t, void *(*fn)(void *))
 {
-	if (atomic_load_explicit(&started, memory_order_relaxed))
-		return 0;
 	sigset_t all, old;
 	sigfillset(&all);
 	pthread_sigmask(SIG_SETMASK, &all, &old);
 	pthread_attr_t attr;
 	pthread_attr_init(&attr);
 	pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
-	int r = pthread_create(&thread, &attr, loop, NULL);
+	int r = pthread_create(t, &attr, fn, NULL);
 	pthread_attr_destroy(&attr);
 	pthread_sigmask(SIG_SETMASK, &old, NULL);
-	if (r)
+	return r ? EAGAIN : 0;
+}
+
+/* Under lk. */
+static int start_thread(void)
+{
+	if (atomic_load_explicit(&started, memory_order_relaxed))
+		return 0;
+	if (ctxi_spawn(&thread, loop))
 		return EAGAIN;
 	atomic_store_explicit(&started, true, memory_order_relaxed);
 	return 0;

@@ -24,6 +24,7 @@
 #include "ctx.h"
 
 #include <linux/futex.h>
+#include <pthread.h>
 #include <stdatomic.h>
 #include <stddef.h>
 #include <stdint.h>
@@ -278,6 +279,11 @@ void ctxi_wake_nofd_waiters(void); /* after every successful cancel */
 void ctxi_fd_expire(struct ctxi_cancel *c); /* a passed deadline: fire its timerfd now */
 void ctxi_fd_signal(struct ctxi_cancel *c); /* under c's lock, c done */
 void ctxi_fd_close(struct ctxi_cancel *c);  /* at free */
+
+/* lib/after.c: starts a detached library thread running fn(NULL) with every
+ * signal blocked (signals belong to the program; a signalfd must see them
+ * pending, not delivered to us).  0 or EAGAIN. */
+int ctxi_spawn(pthread_t *t, void *(*fn)(void *));
 
 /* lib/xproc.c: the number of fd watches not yet freed by the watch thread
  * (for the tests' leak checks). */

@@ -178,17 +178,8 @@ static int start_thread(void)
 			arm(w, ep); /* a failure leaves that one unarmed */
 	epfd = ep;
 	evfd = ev;
-	sigset_t all, old;
-	sigfillset(&all);
-	pthread_sigmask(SIG_SETMASK, &all, &old);
-	pthread_attr_t attr;
-	pthread_attr_init(&attr);
-	pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
 	pthread_t t;
-	int r = pthread_create(&t, &attr, loop, NULL);
-	pthread_attr_destroy(&attr);
-	pthread_sigmask(SIG_SETMASK, &old, NULL);
-	if (r) {
+	if (ctxi_spawn(&t, loop)) {
 		close(ev);
 		close(ep);
 		epfd = evfd = -1;
