@@ -69,10 +69,15 @@ void ctxi_fd_signal(struct ctxi_cancel *c)
 	if (v & 1) {
 		fire_timerfd(v >> 1);
 	} else {
-		uint64_t one = 1;
-		ssize_t r = write(v >> 1, &one, sizeof(one));
-		(void)r; /* an eventfd counter cannot overflow from these writes */
+		ctxi_eventfd_write(v >> 1);
 	}
+}
+
+void ctxi_eventfd_write(int fd)
+{
+	uint64_t one = 1;
+	ssize_t r = write(fd, &one, sizeof(one));
+	(void)r; /* an eventfd counter cannot overflow from these writes */
 }
 
 /* Called by the first readers past a deadline, before they mark the node

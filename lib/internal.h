@@ -57,7 +57,8 @@ struct ctx {
 	 * registration" in lib/tree.c), whose state is its own or, if that is
 	 * 0, its anchor's; otherwise cancel cascades keep its state: it has no
 	 * anchor (CTXI_REG_TOP) or was linked into its anchor's list
-	 * (CTXI_REG_LINKED).  Set once, never back to LAZY. */
+	 * (CTXI_REG_LINKED).  Set once, never back to LAZY.  A node that
+	 * ctxi_register() found born done stays LAZY: its state is final. */
 	_Atomic uint8_t reg;
 	ctx_t *parent; /* holds a reference; NULL on roots */
 };
@@ -278,6 +279,7 @@ void ctxi_wake_nofd_waiters(void); /* after every successful cancel */
 /* lib/fd.c */
 void ctxi_fd_expire(struct ctxi_cancel *c); /* a passed deadline: fire its timerfd now */
 void ctxi_fd_signal(struct ctxi_cancel *c); /* under c's lock, c done */
+void ctxi_eventfd_write(int fd);            /* makes an eventfd readable */
 void ctxi_fd_close(struct ctxi_cancel *c);  /* at free */
 
 /* lib/after.c: starts a detached library thread running fn(NULL) with every

@@ -200,40 +200,39 @@ void ctx_unref(ctx_t *c)
 /* Cancellation */
 
 /*
- * True if `c`, which is done (marked by the caller, or by another thread whose
- * mark the caller has read), has no children, no fd and nobody inside its
- * lock: then there is nothing to visit, and no lock or reference to take.  Whoever adds a child or creates the fd does it under
+ * Leaves.  If `c`, which is done (marked by the caller, or by another thread
+ * whose mark the caller has read), has no children, no fd and nobody inside
+ * its lock (a quiet leaf), there is nothing to visit, and no lock or
+ * reference to take.  Whoever adds a child or creates the fd does it under
  * c's lock after reading c's state.  If that locker took the lock before our
  * read of the lock word, we see it held, or see it released and (acquire)
  * its changes; if after, the seq_cst order (our state CAS, our lock-word
  * load, its lock CAS, its state load) makes it see c done, so it adds
  * nothing and creates an fd that is born readable.
  */
-static bool quiet_leaf(struct ctxi_cancel *c)
-{
-	return atomic_load_explicit(&c->lock, memory_order_seq_cst) == 0 &&
-	       !__atomic_load_n(&c->children, __ATOMIC_RELAXED) &&
-	       atomic_load_explicit(&c->fd, memory_order_acquire) < 0;
-}
+#define NOT_LEAF INT32_MIN
 
-/*
- * True if `c`, done as for quiet_leaf(), has no children and nobody inside
- * its lock, and its fd, if any, is an eventfd: then a cascade that claimed
- * it can write that fd and publish it without its lock or a reference, by
- * the same argument (an fd created later is born readable).  The fd cannot
- * be closed meanwhile: `c` is in its anchor's list, whose lock the cascade
- * holds and c's free path waits for.  A timerfd takes the locked path: its
- * fallback firing relies on the node lock.
- */
-static bool eventfd_leaf(struct ctxi_cancel *c)
+/* c's fd word (-1: no fd) if c has no children and nobody inside its lock,
+ * else NOT_LEAF. */
+static int leaf_fd(struct ctxi_cancel *c)
 {
 	if (atomic_load_explicit(&c->lock, memory_order_seq_cst) != 0 ||
 	    __atomic_load_n(&c->children, __ATOMIC_RELAXED))
-		return false;
-	int v = atomic_load_explicit(&c->fd, memory_order_acquire);
-	return v >= 0 && !(v & 1);
+		return NOT_LEAF;
+	return atomic_load_explicit(&c->fd, memory_order_acquire);
 }
 
+static bool quiet_leaf(struct ctxi_cancel *c) { return leaf_fd(c) == -1; }
+
+/*
+ * A leaf (as for quiet_leaf()) whose fd is an eventfd can be written and
+ * published by a cascade that claimed it without its lock or a reference,
+ * by the same argument (an fd created later is born readable).  The fd
+ * cannot be closed meanwhile: the leaf is in its anchor's list, whose lock
+ * the cascade holds and whose free path waits for it.  A timerfd takes the
+ * locked path: its fallback firing relies on the node lock.
+ */
+static bool is_eventfd(int fd_word) { return fd_word >= 0 && !(fd_word & 1); }
 /* Ends a node's PENDING phase once its fd has been written (or it has none):
  * ctx_err() readers waiting on the bit see the final state.  Idempotent: a
  * helping walk and the node's own canceller may both do it. */
@@ -305,11 +304,8 @@ struct batch {
 
 static void batch_flush(struct batch *b)
 {
-	uint64_t one = 1;
-	for (int i = 0; i < b->nfd; i++) {
-		ssize_t r = write(b->fd[i], &one, sizeof(one));
-		(void)r; /* an eventfd counter cannot overflow from these writes */
-	}
+	for (int i = 0; i < b->nfd; i++)
+		ctxi_eventfd_write(b->fd[i]);
 	b->nfd = 0;
 	for (int i = 0; i < b->nnode; i++) {
 		struct ctxi_cancel *x = b->node[i];
@@ -396,13 +392,14 @@ static void cascade(struct ctxi_cancel *root)
 			}
 		}
 		if (!after) {
-			if (!cur && eventfd_leaf(ch)) {
+			int lf = leaf_fd(ch);
+			if (!cur && is_eventfd(lf)) {
 				/* Claimed here: its write and publication go
 				 * to the batch, and so does its last touch. */
 				batch_signal(&b, ch);
 				batch_finish(&b, ch, false);
 				continue;
-			} else if (quiet_leaf(ch)) {
+			} else if (lf == -1) { /* a quiet leaf */
 				if (!cur)
 					publish(ch); /* claimed here, nothing to write */
 			} else if (!atomic_load_explicit(&ch->base.refs, memory_order_relaxed)) {
@@ -544,22 +541,15 @@ static ctx_t *new_cancel(ctx_t *parent, int64_t own, int own_cause)
 	/* A lazy node's anchor is registered or done (see ctxi_derive). */
 	ctxi_register(anchor);
 	if (!timed) {
-		atomic_init(&n->base.reg, 0); /* a lazy leaf: no lock, no link */
+		atomic_init(&n->base.reg, CTXI_REG_LAZY); /* a lazy leaf: no lock, no link */
 		return &n->base;
 	}
 	/* A child of a done parent is born done with the parent's err and
 	 * cause.  A deadline that has already passed needs no special case:
 	 * ctxi_state() latches ETIMEDOUT at the first look, and as in Go a done
 	 * parent wins over it. */
-	atomic_init(&n->base.reg, CTXI_REG_LINKED);
-	{
-		uint64_t st = ctxi_lock_settled(anchor);
-		if (st) /* no fd yet: nothing to be PENDING for */
-			atomic_store_explicit(&n->state, st, memory_order_relaxed);
-		else
-			ctxi_link(anchor, n);
-		ctxi_unlock(&anchor->lock);
-	}
+	atomic_init(&n->base.reg, CTXI_REG_LAZY);
+	ctxi_register(n);
 	return &n->base;
 }
 
