@@ -699,9 +699,9 @@ static double glib_fd_cycle(void *arg, long n)
 	return now_ns() - t;
 }
 
-/* The clock reads an exact ctx_err on a deadline context cannot avoid: the
- * coarse clock it reads far from the deadline, the precise vDSO clock it
- * reads near it, and the bare TSC read under that. */
+/* The clock read an exact ctx_err on a deadline context cannot avoid (the
+ * vDSO clock_gettime it uses), the bare TSC read under it, and the cheapest
+ * clock the kernel keeps current, too coarse to decide a deadline. */
 static double clock_loop(clockid_t id, long n)
 {
 	struct timespec ts;
@@ -1322,12 +1322,11 @@ static void bench_short(void)
 	add_check(re, "GLib", re->ctx.med, &re->glib, 0, 1.0);
 	add_check(rd, "GLib", rd->ctx.med, &rd->glib, 0, 2.0);
 	re->note = "Go: ctx.Err() on a live WithCancel (shown for reference)";
-	rk->floor_name = "the tick-grained clock ctx_err reads more than 16 ticks before a deadline";
-	rc->floor_name = "the exact clock ctx_err reads within 16 ticks of a deadline";
+	rk->floor_name = "tick-grained, trails by an unbounded lag: cannot decide a deadline";
+	rc->floor_name = "one exact clock read, what ctx_err on a deadline context needs";
 	rt->floor_name = "the cheapest exact time source on x86 (no vDSO conversion)";
 	rd->note = "exact at the deadline with no thread (SPEC) needs a clock read per call: "
-		   "this row reads the coarse clock (deadline 1 h away); within 16 ticks of "
-		   "it, the exact clock (info rows)";
+		   "see the (info) rows";
 #ifdef HAVE_GLIB
 	g_object_unref(gc);
 #endif

@@ -127,10 +127,7 @@ int ctx_cancel_cause(ctx_t *ctx, int cause);
 /* 0 while `ctx` is not done; ECANCELED if it was done by cancellation;
  * ETIMEDOUT if by a deadline.  A context done because an ancestor was done
  * reports the ancestor's err.  Exact at the deadline: no thread has to run
- * for a passed deadline to show.  Cost: one load on a context with no
- * deadline; with one, a coarse clock read (a few ns) while the deadline is
- * more than 16 kernel ticks away, a CLOCK_MONOTONIC read (~20 ns) nearer.
- * EINVAL for NULL. */
+ * for a passed deadline to show.  EINVAL for NULL. */
 int ctx_err(ctx_t *ctx);
 
 /* 0 while not done; otherwise the cause it was done with (the first one

@@ -637,49 +637,10 @@ ctx_t *ctx_without_cancel(ctx_t *parent)
 /* A timed node found with state 0: latch ETIMEDOUT if its deadline has
  * passed.  The fd is fired first, so that it is readable before err says
  * done (the timer interrupt would come tens of microseconds later). */
-/*
- * Far from its deadline, a timed node is checked against the coarse clock.
- * CLOCK_MONOTONIC_COARSE is the monotonic time of the kernel's last tick: a
- * few loads in the vDSO (~3 ns here, against ~20 ns for CLOCK_MONOTONIC,
- * which reads the TSC).  It never runs ahead of CLOCK_MONOTONIC, and trails
- * it by at most a tick in normal running (the kernel takes over a stalled
- * update after a few ticks).  So "coarse + margin < deadline" proves the
- * deadline has not passed, with a margin of COARSE_TICKS ticks; nearer the
- * deadline every call reads the precise clock, and err stays exact.
- */
-#define COARSE_TICKS 16
-
-static _Atomic int64_t coarse_margin; /* 0: not known yet; -1: no coarse clock */
-
-static int64_t margin(void)
-{
-	int64_t m = atomic_load_explicit(&coarse_margin, memory_order_relaxed);
-	if (__builtin_expect(m != 0, 1))
-		return m;
-	struct timespec res;
-	if (clock_getres(CLOCK_MONOTONIC_COARSE, &res) == 0 && res.tv_sec == 0 &&
-	    res.tv_nsec > 0)
-		m = COARSE_TICKS * (int64_t)res.tv_nsec;
-	else
-		m = -1;
-	atomic_store_explicit(&coarse_margin, m, memory_order_relaxed);
-	return m;
-}
-
-static bool surely_before(int64_t deadline)
-{
-	int64_t m = margin();
-	struct timespec ts;
-	if (m < 0 || clock_gettime(CLOCK_MONOTONIC_COARSE, &ts) != 0)
-		return false;
-	int64_t coarse = (int64_t)ts.tv_sec * CTX_SEC + ts.tv_nsec;
-	return deadline > coarse + m; /* coarse: uptime, m: ms; no overflow */
-}
-
 uint64_t ctxi_state_timed(struct ctxi_cancel *c)
 {
 	const struct ctxi_timed *t = (const struct ctxi_timed *)c;
-	if (surely_before(t->deadline) || ctxi_now() < t->deadline)
+	if (ctxi_now() < t->deadline)
 		return 0;
 	ctxi_fd_expire(c);
 	uint64_t s = 0, want = ctxi_mkstate(ETIMEDOUT, t->dcause);

@@ -466,33 +466,31 @@ Test(deadline, err_is_etimedout_exactly_when_it_passes_with_no_fd_anywhere)
 	ctx_unref(t);
 }
 
-/* Far from its deadline ctx_err() reads the coarse clock, near it the precise
- * one (lib/tree.c): every read, from 250 ms before the deadline (more than
- * the coarse margin, 16 ticks, at HZ >= 100) to past it, must agree with
+/* Every read of err, from 100 ms before a deadline to past it, agrees with
  * CLOCK_MONOTONIC read around it: 0 only if the clock said "before" just
- * before the call, ETIMEDOUT only if it said "at or after" just after. */
-Test(deadline, err_is_exact_on_every_read_from_far_before_to_past_it)
+ * before the call, ETIMEDOUT only if it said "at or after" just after.  (A
+ * fast path on CLOCK_MONOTONIC_COARSE was tried and dropped: the coarse
+ * clock's lag behind the precise one has no bound the kernel promises.) */
+Test(deadline, err_is_exact_on_every_read_before_and_after_it)
 {
-	struct timespec d = ts_after(250 * CTX_MSEC);
+	struct timespec d = ts_after(100 * CTX_MSEC);
 	int64_t dns = (int64_t)d.tv_sec * CTX_SEC + d.tv_nsec;
 	ctx_t *t = ctx_with_deadline(ctx_background(), d);
 	ctx_t *c = ctx_with_cancel(t);
-	long zeros = 0, dones = 0;
+	long dones = 0;
 	for (;;) {
 		int64_t t1 = now_ns();
 		int e = ctx_err(c);
 		int64_t t2 = now_ns();
 		if (e == 0) {
 			cr_assert_lt(t1, dns, "err 0 at %" PRId64 " ns past the deadline", t1 - dns);
-			zeros++;
 		} else {
 			cr_assert_eq(e, ETIMEDOUT);
 			cr_assert_geq(t2, dns, "done %" PRId64 " ns before the deadline", dns - t2);
-			if (++dones == 1000)
+			if (++dones == 100) /* latched: stays ETIMEDOUT */
 				break;
 		}
 	}
-	cr_assert_gt(zeros, 0);
 	cr_assert_eq(ctx_err(t), ETIMEDOUT);
 	ctx_unref(c);
 	ctx_unref(t);
