@@ -243,12 +243,18 @@ static inline void ctxi_unlock(_Atomic uint32_t *l)
 }
 
 /* Allocation, with a fault-injection hook for the tests: while
- * ctxi_fail_allocs > 0, each allocation decrements it and fails. */
-extern _Atomic int ctxi_fail_allocs;
+ * ctxi_fail_allocs > 0, each allocation first uses up ctxi_skip_allocs (and
+ * succeeds), then decrements ctxi_fail_allocs and fails.  So skip = k and
+ * fail = 1 fail the (k+1)-th allocation only, which reaches failure paths
+ * behind earlier allocations (tests/xproc.c).  The fast path still reads
+ * ctxi_fail_allocs alone. */
+extern _Atomic int ctxi_fail_allocs, ctxi_skip_allocs;
 
 static inline void *ctxi_alloc(size_t n)
 {
 	if (__builtin_expect(atomic_load_explicit(&ctxi_fail_allocs, memory_order_relaxed) > 0, 0)) {
+		if (atomic_load(&ctxi_skip_allocs) > 0 && atomic_fetch_sub(&ctxi_skip_allocs, 1) > 0)
+			return malloc(n);
 		if (atomic_fetch_sub(&ctxi_fail_allocs, 1) > 0) {
 			errno = ENOMEM;
 			return NULL;

@@ -1,10 +1,13 @@
 /* Between processes: ctx_with_fd, ctx_with_signals, ctx_send_ctx,
  * ctx_recv_ctx. */
 #include <criterion/criterion.h>
+#include <dirent.h>
 #include <pthread.h>
 #include <signal.h>
 #include <stdatomic.h>
+#include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
 #include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/syscall.h>
@@ -12,7 +15,7 @@
 #include <unistd.h>
 
 #include "helpers.h"
-#include "internal.h" /* ctxi_watch_count, ctxi_fail_allocs */
+#include "internal.h" /* ctxi_watch_count, ctxi_fail_allocs, ctxi_skip_allocs */
 
 #ifndef SYS_pidfd_open
 #define SYS_pidfd_open 434
@@ -99,6 +102,34 @@ static int waitpid_within(pid_t pid, int timeout_ms)
 	kill(pid, SIGKILL);
 	waitpid(pid, &status, 0);
 	return -1;
+}
+
+/* Number of fds registered in this process's epoll sets: the "tfd:" lines of
+ * /proc/self/fdinfo, one per registered fd (-1 if /proc cannot be read). */
+static int epoll_entries(void)
+{
+	DIR *d = opendir("/proc/self/fdinfo");
+	if (!d)
+		return -1;
+	int n = 0;
+	struct dirent *e;
+	while ((e = readdir(d))) {
+		if (e->d_name[0] == '.')
+			continue;
+		int fd = openat(dirfd(d), e->d_name, O_RDONLY | O_CLOEXEC);
+		FILE *f = fd < 0 ? NULL : fdopen(fd, "r");
+		if (!f) { /* closed meanwhile */
+			if (fd >= 0)
+				close(fd);
+			continue;
+		}
+		char line[256];
+		while (fgets(line, sizeof(line), f))
+			n += strncmp(line, "tfd:", 4) == 0;
+		fclose(f);
+	}
+	closedir(d);
+	return n;
 }
 
 static int64_t ts_ns(struct timespec ts) { return (int64_t)ts.tv_sec * CTX_SEC + ts.tv_nsec; }
@@ -296,6 +327,66 @@ Test(with_fd, out_of_memory_fails_with_enomem_and_leaks_nothing)
 	close(p[0]);
 	close(p[1]);
 	cr_assert(settles_within(before, 5000));
+}
+
+/*
+ * ctx_with_fd() allocates three times: the context, the watch record, and the
+ * after-function registration that hands the watch back to the watch thread
+ * once the context is done.  The third comes after the duplicate fd is in the
+ * watch thread's epoll set, where that thread can already report it; its
+ * failure must undo the watch through that thread (lib/xproc.c, watch()).
+ */
+Test(with_fd, enomem_after_the_fd_is_armed_undoes_the_watch_and_leaves_the_callers_fd)
+{
+	warm_up();
+	int p[2];
+	cr_assert_eq(pipe2(p, O_CLOEXEC), 0);
+	int before = open_fd_count(), entries = epoll_entries();
+	cr_assert_geq(entries, 1, "the watch thread's control eventfd");
+
+	/* Exactly three allocations: with three let through, no fault is hit,
+	 * so the third one (the fault below) is the last, after the arming. */
+	atomic_store(&ctxi_skip_allocs, 3);
+	atomic_store(&ctxi_fail_allocs, 1);
+	ctx_t *c = ctx_with_fd(ctx_background(), p[0], EPIPE);
+	cr_assert_not_null(c);
+	cr_assert_eq(atomic_load(&ctxi_fail_allocs), 1, "more than three allocations");
+	atomic_store(&ctxi_fail_allocs, 0);
+	cr_assert_eq(atomic_load(&ctxi_skip_allocs), 0, "fewer than three allocations");
+	ctx_release(c);
+	cr_assert(settles_within(before, 5000));
+
+	atomic_store(&ctxi_skip_allocs, 2);
+	atomic_store(&ctxi_fail_allocs, 1);
+	errno = 0;
+	cr_assert_null(ctx_with_fd(ctx_background(), p[0], EPIPE));
+	cr_assert_eq(errno, ENOMEM);
+	cr_assert_eq(atomic_load(&ctxi_fail_allocs), 0, "the fault was not reached");
+	/* The watch thread takes the duplicate out of its epoll set, closes it
+	 * and drops the context a moment later. */
+	cr_assert(settles_within(before, 5000), "%d watches, %d fds (before: %d)",
+		  ctxi_watch_count(), open_fd_count(), before);
+	cr_assert_eq(epoll_entries(), entries, "the duplicate is still in the watch thread's epoll set");
+
+	/* The caller's fd is still theirs: open, the same pipe, never read. */
+	cr_assert_eq(write(p[1], "x", 1), 1);
+	char b = 0;
+	cr_assert_eq(read(p[0], &b, 1), 1);
+	cr_assert_eq(b, 'x');
+	/* And it can be watched again.  The new duplicate takes the lowest free
+	 * number, the failed one's: a stale epoll entry for it would fail the
+	 * call (EEXIST) or report into a freed record. */
+	c = ctx_with_fd(ctx_background(), p[0], EPIPE);
+	cr_assert_not_null(c, "errno %d", errno);
+	cr_assert_not(readable_within(ctx_fd(c), 20));
+	cr_assert_eq(write(p[1], "y", 1), 1);
+	cr_assert(readable_within(ctx_fd(c), 5000));
+	cr_assert_eq(ctx_cause(c), EPIPE);
+	ctx_release(c);
+	close(p[0]);
+	close(p[1]);
+	cr_assert(settles_within(before - 2, 5000));
+	cr_assert_eq(epoll_entries(), entries);
 }
 
 Test(with_fd, out_of_fds_fails_with_emfile_and_leaks_nothing)
