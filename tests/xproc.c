@@ -104,6 +104,26 @@ static int waitpid_within(pid_t pid, int timeout_ms)
 	return -1;
 }
 
+/*
+ * For the tests that fork() a process already running library threads (the
+ * watch thread, the after thread) and whose child then starts threads of its
+ * own (its watch thread, from the library's fork handler or on demand).  The
+ * sanitizers' runtimes do not support that, so those tests run in the plain
+ * build only:
+ *   - TSan does not support threads started after a multi-threaded fork.
+ *   - gcc 12's ASan does not hold its allocator lock across fork(): a thread
+ *     the child starts can block forever on a lock another parent thread held
+ *     at the fork (seen 5 runs in 30).  glibc's malloc is fork-safe.
+ */
+#if defined(__SANITIZE_THREAD__)
+#define SKIP_FORK_WITH_THREADS() \
+	cr_skip_test("TSan does not support threads after a multi-threaded fork")
+#elif defined(__SANITIZE_ADDRESS__)
+#define SKIP_FORK_WITH_THREADS() cr_skip_test("ASan's allocator is not fork-safe with threads")
+#else
+#define SKIP_FORK_WITH_THREADS() ((void)0)
+#endif
+
 /* Number of fds registered in this process's epoll sets: the "tfd:" lines of
  * /proc/self/fdinfo, one per registered fd (-1 if /proc cannot be read). */
 static int epoll_entries(void)
@@ -620,6 +640,123 @@ Test(signals, bad_arguments_fail_with_einval)
 	cr_assert_eq(errno, EINVAL);
 }
 
+/* Waits (bounded) for the watch thread to consume the pending SIGUSR1. */
+static bool usr1_consumed_within(int timeout_ms)
+{
+	int64_t end = now_ns() + (int64_t)timeout_ms * CTX_MSEC;
+	while (usr1_pending() && now_ns() < end) {
+		struct timespec ms = {.tv_nsec = CTX_MSEC};
+		nanosleep(&ms, NULL);
+	}
+	return !usr1_pending();
+}
+
+/*
+ * A signal context made before fork() works in the child: the library's fork
+ * handler starts a watch thread in the child and re-arms the inherited
+ * signalfd there, so a signal sent to the child cancels the child's copy of
+ * the context (and is consumed there), while the parent's copy stays live
+ * and keeps its own watch.  The child reports through its exit status.
+ */
+Test(signals, a_forked_child_re_arms_an_inherited_context_and_the_parents_stays_live)
+{
+	SKIP_FORK_WITH_THREADS();
+	sigset_t set = block_usr1(); /* the child inherits the mask */
+	ctx_t *s = ctx_with_signals(ctx_background(), &set, ESHUTDOWN);
+	cr_assert_not_null(s);
+	/* No ctx_fd(s) before the fork: that fd would be one open file in both
+	 * processes, so the child's cancel would make it readable here too
+	 * (README, "fork").  Each process makes its own after the fork. */
+	pid_t pid = fork();
+	cr_assert_geq(pid, 0);
+	if (pid == 0) {
+		if (ctx_err(s))
+			_exit(2);
+		int fd = ctx_fd(s);
+		if (fd < 0)
+			_exit(3);
+		if (readable_now(fd))
+			_exit(4);
+		if (kill(getpid(), SIGUSR1) != 0)
+			_exit(5);
+		if (!readable_within(fd, 5000))
+			_exit(6); /* no watch thread here saw it */
+		if (ctx_err(s) != ECANCELED || ctx_cause(s) != ESHUTDOWN)
+			_exit(7);
+		if (!usr1_consumed_within(5000))
+			_exit(8);
+		ctx_release(s);
+		_exit(0);
+	}
+	int status = waitpid_within(pid, 10000);
+	cr_assert(WIFEXITED(status) && WEXITSTATUS(status) == 0, "child status %#x", status);
+	/* The child's signal and cancel did not reach the parent's copy. */
+	int fd = ctx_fd(s);
+	cr_assert_geq(fd, 0);
+	cr_assert_eq(ctx_err(s), 0);
+	cr_assert_not(readable_within(fd, 20));
+	/* And the parent's watch survived the fork. */
+	cr_assert_eq(kill(getpid(), SIGUSR1), 0);
+	cr_assert(readable_within(fd, 5000), "the parent's watch must survive the fork");
+	cr_assert_eq(ctx_err(s), ECANCELED);
+	cr_assert_eq(ctx_cause(s), ESHUTDOWN);
+	cr_assert(usr1_consumed_within(5000));
+	ctx_release(s);
+}
+
+/*
+ * A child forked while the watch thread runs but watches nothing: the fork
+ * handler only drops the parent's epoll set (shared with the parent, never
+ * to be touched here), and the child's first ctx_with_signals() starts a
+ * watch thread of its own.  The parent's thread keeps working.
+ */
+Test(signals, a_forked_child_makes_its_own_signal_context_and_leaks_nothing)
+{
+	SKIP_FORK_WITH_THREADS();
+	sigset_t set = block_usr1();
+	warm_up(); /* the watch thread runs, with no watch */
+	pid_t pid = fork();
+	cr_assert_geq(pid, 0);
+	if (pid == 0) {
+		int before = open_fd_count();
+		ctx_t *s = ctx_with_signals(ctx_background(), &set, 0);
+		if (!s)
+			_exit(2);
+		int fd = ctx_fd(s);
+		if (fd < 0)
+			_exit(3);
+		if (readable_now(fd))
+			_exit(4);
+		if (kill(getpid(), SIGUSR1) != 0)
+			_exit(5);
+		if (!readable_within(fd, 5000))
+			_exit(6);
+		if (ctx_err(s) != ECANCELED || ctx_cause(s) != EINTR)
+			_exit(7);
+		if (!usr1_consumed_within(5000))
+			_exit(8);
+		ctx_release(s);
+		/* The child's epoll set, eventfd and thread stay; the watch, its
+		 * signalfd and the context's fd go. */
+		if (!settles_within(before + 2, 5000))
+			_exit(9);
+		_exit(0);
+	}
+	int status = waitpid_within(pid, 10000);
+	cr_assert(WIFEXITED(status) && WEXITSTATUS(status) == 0, "child status %#x", status);
+	cr_assert_not(usr1_pending(), "the child's signal reached the parent");
+	int p[2];
+	cr_assert_eq(pipe2(p, O_CLOEXEC), 0);
+	ctx_t *c = ctx_with_fd(ctx_background(), p[0], EPIPE);
+	cr_assert_not_null(c);
+	cr_assert_eq(write(p[1], "x", 1), 1);
+	cr_assert(readable_within(ctx_fd(c), 5000), "the parent's watch thread must survive the fork");
+	cr_assert_eq(ctx_cause(c), EPIPE);
+	ctx_release(c);
+	close(p[0]);
+	close(p[1]);
+}
+
 /* ---- ctx_send_ctx, ctx_recv_ctx ---- */
 
 static void pair(int type, int sv[2])
@@ -975,16 +1112,7 @@ Test(send, bad_arguments_fail_with_a_clear_errno)
  * thread of its own, and leaves the parent's epoll set alone. */
 Test(with_fd, a_forked_child_keeps_its_inherited_watches_and_the_parent_too)
 {
-#ifdef __SANITIZE_THREAD__
-	cr_skip_test("TSan does not support threads after a multi-threaded fork");
-#endif
-#ifdef __SANITIZE_ADDRESS__
-	/* gcc 12's ASan does not hold its allocator lock across fork(): the
-	 * watch thread the child starts can block forever on a lock another
-	 * parent thread held at the fork (seen 5 runs in 30).  glibc's malloc
-	 * is fork-safe, and the plain build runs this test. */
-	cr_skip_test("ASan's allocator is not fork-safe with threads");
-#endif
+	SKIP_FORK_WITH_THREADS();
 	int p[2], ready[2];
 	cr_assert_eq(pipe2(p, O_CLOEXEC), 0);
 	cr_assert_eq(pipe2(ready, O_CLOEXEC), 0);
