@@ -293,6 +293,13 @@ void ctxi_fd_close(struct ctxi_cancel *c);  /* at free */
  * pending, not delivered to us).  0 or EAGAIN. */
 int ctxi_spawn(pthread_t *t, void *(*fn)(void *));
 
+/* lib/after.c: registers the after-function fork handlers (once).  Child
+ * handlers run in the order they were registered, and this one must run
+ * before any that starts a library thread in the child (lib/xproc.c's): such
+ * a thread may fire after-functions at once, and they must find the after
+ * thread already forgotten, so that a new one starts for them. */
+void ctxi_after_atfork_init(void);
+
 /* lib/xproc.c: the number of fd watches not yet freed by the watch thread
  * (for the tests' leak checks). */
 int ctxi_watch_count(void);

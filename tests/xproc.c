@@ -1149,3 +1149,113 @@ Test(with_fd, a_forked_child_keeps_its_inherited_watches_and_the_parent_too)
 	close(ready[0]);
 	close(ready[1]);
 }
+
+/*
+ * Fork handlers run in the order they were registered, and a process whose
+ * first library call is a watch registers lib/xproc.c's before
+ * lib/after.c's.  xproc's child handler starts the child's watch thread,
+ * which may at once report an inherited watch whose fd is readable and fire
+ * its context's after-functions (among them the watch's own hand-back).  They
+ * must still run in the child, even if that happens before after.c's child
+ * handler has forgotten the parent's after thread.  A handler of the test's
+ * own, registered between the two, holds that window open: it makes the fd
+ * readable and returns once the child's watch thread has handled it.
+ */
+static ctx_t *window_ctx; /* set around the fork only */
+static int window_wfd = -1;
+static _Atomic pid_t after_ran_in;
+
+static void note_pid(void *unused)
+{
+	(void)unused;
+	atomic_store(&after_ran_in, getpid());
+}
+
+/* The lowest thread id of this process other than the caller's: in a
+ * forked child, the first thread the library started there. */
+static pid_t other_thread(void)
+{
+	pid_t self = (pid_t)syscall(SYS_gettid), best = 0;
+	DIR *d = opendir("/proc/self/task");
+	if (!d)
+		return 0;
+	struct dirent *e;
+	while ((e = readdir(d))) {
+		pid_t t = (pid_t)atoi(e->d_name);
+		if (t > 0 && t != self && (!best || t < best))
+			best = t;
+	}
+	closedir(d);
+	return best;
+}
+
+static void hold_the_window_open(void)
+{
+	if (!window_ctx)
+		return;
+	if (write(window_wfd, "x", 1) != 1)
+		return;
+	int64_t end = now_ns() + 5 * CTX_SEC;
+	while (!ctx_err(window_ctx) && now_ns() < end) {
+		struct timespec ms = {.tv_nsec = CTX_MSEC};
+		nanosleep(&ms, NULL);
+	}
+	/* Done: the watch thread is in the cancel or past it.  Asleep again
+	 * in epoll_wait: it has handed the after-functions over. */
+	int sfd = thread_stat_open(other_thread());
+	if (sfd >= 0) {
+		thread_blocked_within(sfd, 2000);
+		close(sfd);
+	}
+}
+
+Test(with_fd, a_forked_child_runs_the_after_functions_its_inherited_watch_fires)
+{
+	SKIP_FORK_WITH_THREADS();
+	/* A watch that fails (a regular file cannot be polled) once it has
+	 * registered xproc's fork handlers, before any after-function has
+	 * registered after.c's: ours go between. */
+	char path[] = "/tmp/ctx-xproc-XXXXXX";
+	int file = mkostemp(path, O_CLOEXEC);
+	cr_assert_geq(file, 0);
+	unlink(path);
+	cr_assert_null(ctx_with_fd(ctx_background(), file, 0));
+	cr_assert_eq(errno, EPERM);
+	close(file);
+	cr_assert_eq(pthread_atfork(NULL, NULL, hold_the_window_open), 0);
+
+	int p[2];
+	cr_assert_eq(pipe2(p, O_CLOEXEC), 0);
+	ctx_t *c = ctx_with_fd(ctx_background(), p[0], EPIPE);
+	cr_assert_not_null(c);
+	cr_assert_eq(ctx_after_func(c, note_pid, NULL, NULL), 0);
+	window_ctx = c;
+	window_wfd = p[1];
+	pid_t pid = fork();
+	cr_assert_geq(pid, 0);
+	if (pid == 0) {
+		if (ctx_cause(c) != EPIPE)
+			_exit(2); /* the child's watch thread did not report it */
+		int64_t end = now_ns() + 5 * CTX_SEC;
+		while ((atomic_load(&after_ran_in) != getpid() || ctxi_watch_count()) &&
+		       now_ns() < end) {
+			struct timespec ms = {.tv_nsec = CTX_MSEC};
+			nanosleep(&ms, NULL);
+		}
+		if (atomic_load(&after_ran_in) != getpid())
+			_exit(3); /* the after-function never ran in the child */
+		if (ctxi_watch_count())
+			_exit(4); /* nor did the watch's hand-back */
+		ctx_release(c);
+		_exit(0);
+	}
+	window_ctx = NULL;
+	int status = waitpid_within(pid, 10000);
+	cr_assert(WIFEXITED(status) && WEXITSTATUS(status) == 0, "child status %#x", status);
+	/* The byte the child's handler wrote reached the parent's watch too. */
+	cr_assert(readable_within(ctx_fd(c), 5000));
+	cr_assert_eq(ctx_cause(c), EPIPE);
+	ctx_release(c);
+	close(p[0]);
+	close(p[1]);
+}
