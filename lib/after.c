@@ -321,6 +321,8 @@ static void init_once(void)
 	pthread_atfork(atfork_prepare, atfork_parent, atfork_child);
 }
 
+void ctxi_after_atfork_init(void) { pthread_once(&once, init_once); }
+
 int ctxi_spawn(pthread_t *t, void *(*fn)(void *))
 {
 	sigset_t all, old;
@@ -377,7 +379,7 @@ int ctx_after_func(ctx_t *ctx, void (*fn)(void *), void *arg, ctx_after_t **stop
 		*stop = NULL;
 	if (!ctx || !fn)
 		return EINVAL;
-	pthread_once(&once, init_once); /* the fork handlers, before any lock use */
+	ctxi_after_atfork_init(); /* the fork handlers, before any lock use */
 	struct ctx_after *a = reg_alloc();
 	if (!a)
 		return ENOMEM;

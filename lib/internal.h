@@ -243,12 +243,18 @@ static inline void ctxi_unlock(_Atomic uint32_t *l)
 }
 
 /* Allocation, with a fault-injection hook for the tests: while
- * ctxi_fail_allocs > 0, each allocation decrements it and fails. */
-extern _Atomic int ctxi_fail_allocs;
+ * ctxi_fail_allocs > 0, each allocation first uses up ctxi_skip_allocs (and
+ * succeeds), then decrements ctxi_fail_allocs and fails.  So skip = k and
+ * fail = 1 fail the (k+1)-th allocation only, which reaches failure paths
+ * behind earlier allocations (tests/xproc.c).  The fast path still reads
+ * ctxi_fail_allocs alone. */
+extern _Atomic int ctxi_fail_allocs, ctxi_skip_allocs;
 
 static inline void *ctxi_alloc(size_t n)
 {
 	if (__builtin_expect(atomic_load_explicit(&ctxi_fail_allocs, memory_order_relaxed) > 0, 0)) {
+		if (atomic_load(&ctxi_skip_allocs) > 0 && atomic_fetch_sub(&ctxi_skip_allocs, 1) > 0)
+			return malloc(n);
 		if (atomic_fetch_sub(&ctxi_fail_allocs, 1) > 0) {
 			errno = ENOMEM;
 			return NULL;
@@ -286,6 +292,13 @@ void ctxi_fd_close(struct ctxi_cancel *c);  /* at free */
  * signal blocked (signals belong to the program; a signalfd must see them
  * pending, not delivered to us).  0 or EAGAIN. */
 int ctxi_spawn(pthread_t *t, void *(*fn)(void *));
+
+/* lib/after.c: registers the after-function fork handlers (once).  Child
+ * handlers run in the order they were registered, and this one must run
+ * before any that starts a library thread in the child (lib/xproc.c's): such
+ * a thread may fire after-functions at once, and they must find the after
+ * thread already forgotten, so that a new one starts for them. */
+void ctxi_after_atfork_init(void);
 
 /* lib/xproc.c: the number of fd watches not yet freed by the watch thread
  * (for the tests' leak checks). */

@@ -6,7 +6,7 @@
 
 #include <sched.h>
 
-_Atomic int ctxi_fail_allocs;
+_Atomic int ctxi_fail_allocs, ctxi_skip_allocs;
 
 static struct ctx background = {.kind = CTXI_ROOT};
 static struct ctx todo = {.kind = CTXI_ROOT};

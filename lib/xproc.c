@@ -213,6 +213,9 @@ static pthread_once_t once = PTHREAD_ONCE_INIT;
 
 static void init_once(void)
 {
+	/* after.c's child handler first: ours starts a watch thread, which may
+	 * fire after-functions before a later handler could run. */
+	ctxi_after_atfork_init();
 	pthread_atfork(atfork_prepare, atfork_parent, atfork_child);
 }
 

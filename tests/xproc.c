@@ -1,10 +1,13 @@
 /* Between processes: ctx_with_fd, ctx_with_signals, ctx_send_ctx,
  * ctx_recv_ctx. */
 #include <criterion/criterion.h>
+#include <dirent.h>
 #include <pthread.h>
 #include <signal.h>
 #include <stdatomic.h>
+#include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
 #include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/syscall.h>
@@ -12,7 +15,7 @@
 #include <unistd.h>
 
 #include "helpers.h"
-#include "internal.h" /* ctxi_watch_count, ctxi_fail_allocs */
+#include "internal.h" /* ctxi_watch_count, ctxi_fail_allocs, ctxi_skip_allocs */
 
 #ifndef SYS_pidfd_open
 #define SYS_pidfd_open 434
@@ -99,6 +102,54 @@ static int waitpid_within(pid_t pid, int timeout_ms)
 	kill(pid, SIGKILL);
 	waitpid(pid, &status, 0);
 	return -1;
+}
+
+/*
+ * For the tests that fork() a process already running library threads (the
+ * watch thread, the after thread) and whose child then starts threads of its
+ * own (its watch thread, from the library's fork handler or on demand).  The
+ * sanitizers' runtimes do not support that, so those tests run in the plain
+ * build only:
+ *   - TSan does not support threads started after a multi-threaded fork.
+ *   - gcc 12's ASan does not hold its allocator lock across fork(): a thread
+ *     the child starts can block forever on a lock another parent thread held
+ *     at the fork (seen 5 runs in 30).  glibc's malloc is fork-safe.
+ */
+#if defined(__SANITIZE_THREAD__)
+#define SKIP_FORK_WITH_THREADS() \
+	cr_skip_test("TSan does not support threads after a multi-threaded fork")
+#elif defined(__SANITIZE_ADDRESS__)
+#define SKIP_FORK_WITH_THREADS() cr_skip_test("ASan's allocator is not fork-safe with threads")
+#else
+#define SKIP_FORK_WITH_THREADS() ((void)0)
+#endif
+
+/* Number of fds registered in this process's epoll sets: the "tfd:" lines of
+ * /proc/self/fdinfo, one per registered fd (-1 if /proc cannot be read). */
+static int epoll_entries(void)
+{
+	DIR *d = opendir("/proc/self/fdinfo");
+	if (!d)
+		return -1;
+	int n = 0;
+	struct dirent *e;
+	while ((e = readdir(d))) {
+		if (e->d_name[0] == '.')
+			continue;
+		int fd = openat(dirfd(d), e->d_name, O_RDONLY | O_CLOEXEC);
+		FILE *f = fd < 0 ? NULL : fdopen(fd, "r");
+		if (!f) { /* closed meanwhile */
+			if (fd >= 0)
+				close(fd);
+			continue;
+		}
+		char line[256];
+		while (fgets(line, sizeof(line), f))
+			n += strncmp(line, "tfd:", 4) == 0;
+		fclose(f);
+	}
+	closedir(d);
+	return n;
 }
 
 static int64_t ts_ns(struct timespec ts) { return (int64_t)ts.tv_sec * CTX_SEC + ts.tv_nsec; }
@@ -296,6 +347,66 @@ Test(with_fd, out_of_memory_fails_with_enomem_and_leaks_nothing)
 	close(p[0]);
 	close(p[1]);
 	cr_assert(settles_within(before, 5000));
+}
+
+/*
+ * ctx_with_fd() allocates three times: the context, the watch record, and the
+ * after-function registration that hands the watch back to the watch thread
+ * once the context is done.  The third comes after the duplicate fd is in the
+ * watch thread's epoll set, where that thread can already report it; its
+ * failure must undo the watch through that thread (lib/xproc.c, watch()).
+ */
+Test(with_fd, enomem_after_the_fd_is_armed_undoes_the_watch_and_leaves_the_callers_fd)
+{
+	warm_up();
+	int p[2];
+	cr_assert_eq(pipe2(p, O_CLOEXEC), 0);
+	int before = open_fd_count(), entries = epoll_entries();
+	cr_assert_geq(entries, 1, "the watch thread's control eventfd");
+
+	/* Exactly three allocations: with three let through, no fault is hit,
+	 * so the third one (the fault below) is the last, after the arming. */
+	atomic_store(&ctxi_skip_allocs, 3);
+	atomic_store(&ctxi_fail_allocs, 1);
+	ctx_t *c = ctx_with_fd(ctx_background(), p[0], EPIPE);
+	cr_assert_not_null(c);
+	cr_assert_eq(atomic_load(&ctxi_fail_allocs), 1, "more than three allocations");
+	atomic_store(&ctxi_fail_allocs, 0);
+	cr_assert_eq(atomic_load(&ctxi_skip_allocs), 0, "fewer than three allocations");
+	ctx_release(c);
+	cr_assert(settles_within(before, 5000));
+
+	atomic_store(&ctxi_skip_allocs, 2);
+	atomic_store(&ctxi_fail_allocs, 1);
+	errno = 0;
+	cr_assert_null(ctx_with_fd(ctx_background(), p[0], EPIPE));
+	cr_assert_eq(errno, ENOMEM);
+	cr_assert_eq(atomic_load(&ctxi_fail_allocs), 0, "the fault was not reached");
+	/* The watch thread takes the duplicate out of its epoll set, closes it
+	 * and drops the context a moment later. */
+	cr_assert(settles_within(before, 5000), "%d watches, %d fds (before: %d)",
+		  ctxi_watch_count(), open_fd_count(), before);
+	cr_assert_eq(epoll_entries(), entries, "the duplicate is still in the watch thread's epoll set");
+
+	/* The caller's fd is still theirs: open, the same pipe, never read. */
+	cr_assert_eq(write(p[1], "x", 1), 1);
+	char b = 0;
+	cr_assert_eq(read(p[0], &b, 1), 1);
+	cr_assert_eq(b, 'x');
+	/* And it can be watched again.  The new duplicate takes the lowest free
+	 * number, the failed one's: a stale epoll entry for it would fail the
+	 * call (EEXIST) or report into a freed record. */
+	c = ctx_with_fd(ctx_background(), p[0], EPIPE);
+	cr_assert_not_null(c, "errno %d", errno);
+	cr_assert_not(readable_within(ctx_fd(c), 20));
+	cr_assert_eq(write(p[1], "y", 1), 1);
+	cr_assert(readable_within(ctx_fd(c), 5000));
+	cr_assert_eq(ctx_cause(c), EPIPE);
+	ctx_release(c);
+	close(p[0]);
+	close(p[1]);
+	cr_assert(settles_within(before - 2, 5000));
+	cr_assert_eq(epoll_entries(), entries);
 }
 
 Test(with_fd, out_of_fds_fails_with_emfile_and_leaks_nothing)
@@ -527,6 +638,123 @@ Test(signals, bad_arguments_fail_with_einval)
 	errno = 0;
 	cr_assert_null(ctx_with_signals(ctx_background(), &empty, 0));
 	cr_assert_eq(errno, EINVAL);
+}
+
+/* Waits (bounded) for the watch thread to consume the pending SIGUSR1. */
+static bool usr1_consumed_within(int timeout_ms)
+{
+	int64_t end = now_ns() + (int64_t)timeout_ms * CTX_MSEC;
+	while (usr1_pending() && now_ns() < end) {
+		struct timespec ms = {.tv_nsec = CTX_MSEC};
+		nanosleep(&ms, NULL);
+	}
+	return !usr1_pending();
+}
+
+/*
+ * A signal context made before fork() works in the child: the library's fork
+ * handler starts a watch thread in the child and re-arms the inherited
+ * signalfd there, so a signal sent to the child cancels the child's copy of
+ * the context (and is consumed there), while the parent's copy stays live
+ * and keeps its own watch.  The child reports through its exit status.
+ */
+Test(signals, a_forked_child_re_arms_an_inherited_context_and_the_parents_stays_live)
+{
+	SKIP_FORK_WITH_THREADS();
+	sigset_t set = block_usr1(); /* the child inherits the mask */
+	ctx_t *s = ctx_with_signals(ctx_background(), &set, ESHUTDOWN);
+	cr_assert_not_null(s);
+	/* No ctx_fd(s) before the fork: that fd would be one open file in both
+	 * processes, so the child's cancel would make it readable here too
+	 * (README, "fork").  Each process makes its own after the fork. */
+	pid_t pid = fork();
+	cr_assert_geq(pid, 0);
+	if (pid == 0) {
+		if (ctx_err(s))
+			_exit(2);
+		int fd = ctx_fd(s);
+		if (fd < 0)
+			_exit(3);
+		if (readable_now(fd))
+			_exit(4);
+		if (kill(getpid(), SIGUSR1) != 0)
+			_exit(5);
+		if (!readable_within(fd, 5000))
+			_exit(6); /* no watch thread here saw it */
+		if (ctx_err(s) != ECANCELED || ctx_cause(s) != ESHUTDOWN)
+			_exit(7);
+		if (!usr1_consumed_within(5000))
+			_exit(8);
+		ctx_release(s);
+		_exit(0);
+	}
+	int status = waitpid_within(pid, 10000);
+	cr_assert(WIFEXITED(status) && WEXITSTATUS(status) == 0, "child status %#x", status);
+	/* The child's signal and cancel did not reach the parent's copy. */
+	int fd = ctx_fd(s);
+	cr_assert_geq(fd, 0);
+	cr_assert_eq(ctx_err(s), 0);
+	cr_assert_not(readable_within(fd, 20));
+	/* And the parent's watch survived the fork. */
+	cr_assert_eq(kill(getpid(), SIGUSR1), 0);
+	cr_assert(readable_within(fd, 5000), "the parent's watch must survive the fork");
+	cr_assert_eq(ctx_err(s), ECANCELED);
+	cr_assert_eq(ctx_cause(s), ESHUTDOWN);
+	cr_assert(usr1_consumed_within(5000));
+	ctx_release(s);
+}
+
+/*
+ * A child forked while the watch thread runs but watches nothing: the fork
+ * handler only drops the parent's epoll set (shared with the parent, never
+ * to be touched here), and the child's first ctx_with_signals() starts a
+ * watch thread of its own.  The parent's thread keeps working.
+ */
+Test(signals, a_forked_child_makes_its_own_signal_context_and_leaks_nothing)
+{
+	SKIP_FORK_WITH_THREADS();
+	sigset_t set = block_usr1();
+	warm_up(); /* the watch thread runs, with no watch */
+	pid_t pid = fork();
+	cr_assert_geq(pid, 0);
+	if (pid == 0) {
+		int before = open_fd_count();
+		ctx_t *s = ctx_with_signals(ctx_background(), &set, 0);
+		if (!s)
+			_exit(2);
+		int fd = ctx_fd(s);
+		if (fd < 0)
+			_exit(3);
+		if (readable_now(fd))
+			_exit(4);
+		if (kill(getpid(), SIGUSR1) != 0)
+			_exit(5);
+		if (!readable_within(fd, 5000))
+			_exit(6);
+		if (ctx_err(s) != ECANCELED || ctx_cause(s) != EINTR)
+			_exit(7);
+		if (!usr1_consumed_within(5000))
+			_exit(8);
+		ctx_release(s);
+		/* The child's epoll set, eventfd and thread stay; the watch, its
+		 * signalfd and the context's fd go. */
+		if (!settles_within(before + 2, 5000))
+			_exit(9);
+		_exit(0);
+	}
+	int status = waitpid_within(pid, 10000);
+	cr_assert(WIFEXITED(status) && WEXITSTATUS(status) == 0, "child status %#x", status);
+	cr_assert_not(usr1_pending(), "the child's signal reached the parent");
+	int p[2];
+	cr_assert_eq(pipe2(p, O_CLOEXEC), 0);
+	ctx_t *c = ctx_with_fd(ctx_background(), p[0], EPIPE);
+	cr_assert_not_null(c);
+	cr_assert_eq(write(p[1], "x", 1), 1);
+	cr_assert(readable_within(ctx_fd(c), 5000), "the parent's watch thread must survive the fork");
+	cr_assert_eq(ctx_cause(c), EPIPE);
+	ctx_release(c);
+	close(p[0]);
+	close(p[1]);
 }
 
 /* ---- ctx_send_ctx, ctx_recv_ctx ---- */
@@ -884,16 +1112,7 @@ Test(send, bad_arguments_fail_with_a_clear_errno)
  * thread of its own, and leaves the parent's epoll set alone. */
 Test(with_fd, a_forked_child_keeps_its_inherited_watches_and_the_parent_too)
 {
-#ifdef __SANITIZE_THREAD__
-	cr_skip_test("TSan does not support threads after a multi-threaded fork");
-#endif
-#ifdef __SANITIZE_ADDRESS__
-	/* gcc 12's ASan does not hold its allocator lock across fork(): the
-	 * watch thread the child starts can block forever on a lock another
-	 * parent thread held at the fork (seen 5 runs in 30).  glibc's malloc
-	 * is fork-safe, and the plain build runs this test. */
-	cr_skip_test("ASan's allocator is not fork-safe with threads");
-#endif
+	SKIP_FORK_WITH_THREADS();
 	int p[2], ready[2];
 	cr_assert_eq(pipe2(p, O_CLOEXEC), 0);
 	cr_assert_eq(pipe2(ready, O_CLOEXEC), 0);
@@ -929,4 +1148,114 @@ Test(with_fd, a_forked_child_keeps_its_inherited_watches_and_the_parent_too)
 	close(p[1]);
 	close(ready[0]);
 	close(ready[1]);
+}
+
+/*
+ * Fork handlers run in the order they were registered, and a process whose
+ * first library call is a watch registers lib/xproc.c's before
+ * lib/after.c's.  xproc's child handler starts the child's watch thread,
+ * which may at once report an inherited watch whose fd is readable and fire
+ * its context's after-functions (among them the watch's own hand-back).  They
+ * must still run in the child, even if that happens before after.c's child
+ * handler has forgotten the parent's after thread.  A handler of the test's
+ * own, registered between the two, holds that window open: it makes the fd
+ * readable and returns once the child's watch thread has handled it.
+ */
+static ctx_t *window_ctx; /* set around the fork only */
+static int window_wfd = -1;
+static _Atomic pid_t after_ran_in;
+
+static void note_pid(void *unused)
+{
+	(void)unused;
+	atomic_store(&after_ran_in, getpid());
+}
+
+/* The lowest thread id of this process other than the caller's: in a
+ * forked child, the first thread the library started there. */
+static pid_t other_thread(void)
+{
+	pid_t self = (pid_t)syscall(SYS_gettid), best = 0;
+	DIR *d = opendir("/proc/self/task");
+	if (!d)
+		return 0;
+	struct dirent *e;
+	while ((e = readdir(d))) {
+		pid_t t = (pid_t)atoi(e->d_name);
+		if (t > 0 && t != self && (!best || t < best))
+			best = t;
+	}
+	closedir(d);
+	return best;
+}
+
+static void hold_the_window_open(void)
+{
+	if (!window_ctx)
+		return;
+	if (write(window_wfd, "x", 1) != 1)
+		return;
+	int64_t end = now_ns() + 5 * CTX_SEC;
+	while (!ctx_err(window_ctx) && now_ns() < end) {
+		struct timespec ms = {.tv_nsec = CTX_MSEC};
+		nanosleep(&ms, NULL);
+	}
+	/* Done: the watch thread is in the cancel or past it.  Asleep again
+	 * in epoll_wait: it has handed the after-functions over. */
+	int sfd = thread_stat_open(other_thread());
+	if (sfd >= 0) {
+		thread_blocked_within(sfd, 2000);
+		close(sfd);
+	}
+}
+
+Test(with_fd, a_forked_child_runs_the_after_functions_its_inherited_watch_fires)
+{
+	SKIP_FORK_WITH_THREADS();
+	/* A watch that fails (a regular file cannot be polled) once it has
+	 * registered xproc's fork handlers, before any after-function has
+	 * registered after.c's: ours go between. */
+	char path[] = "/tmp/ctx-xproc-XXXXXX";
+	int file = mkostemp(path, O_CLOEXEC);
+	cr_assert_geq(file, 0);
+	unlink(path);
+	cr_assert_null(ctx_with_fd(ctx_background(), file, 0));
+	cr_assert_eq(errno, EPERM);
+	close(file);
+	cr_assert_eq(pthread_atfork(NULL, NULL, hold_the_window_open), 0);
+
+	int p[2];
+	cr_assert_eq(pipe2(p, O_CLOEXEC), 0);
+	ctx_t *c = ctx_with_fd(ctx_background(), p[0], EPIPE);
+	cr_assert_not_null(c);
+	cr_assert_eq(ctx_after_func(c, note_pid, NULL, NULL), 0);
+	window_ctx = c;
+	window_wfd = p[1];
+	pid_t pid = fork();
+	cr_assert_geq(pid, 0);
+	if (pid == 0) {
+		if (ctx_cause(c) != EPIPE)
+			_exit(2); /* the child's watch thread did not report it */
+		int64_t end = now_ns() + 5 * CTX_SEC;
+		while ((atomic_load(&after_ran_in) != getpid() || ctxi_watch_count()) &&
+		       now_ns() < end) {
+			struct timespec ms = {.tv_nsec = CTX_MSEC};
+			nanosleep(&ms, NULL);
+		}
+		if (atomic_load(&after_ran_in) != getpid())
+			_exit(3); /* the after-function never ran in the child */
+		if (ctxi_watch_count())
+			_exit(4); /* nor did the watch's hand-back */
+		ctx_release(c);
+		_exit(0);
+	}
+	window_ctx = NULL;
+	int status = waitpid_within(pid, 10000);
+	cr_assert(WIFEXITED(status) && WEXITSTATUS(status) == 0, "child status %#x", status);
+	/* The byte the child's handler wrote reached the parent's watch too. */
+	cr_assert(readable_within(ctx_fd(c), 5000));
+	cr_assert_eq(ctx_cause(c), EPIPE);
+	ctx_release(c);
+	close(p[0]);
+	close(p[1]);
 }
