@@ -1,7 +1,9 @@
 /* After-functions: ctx_after_func, ctx_after_stop, ctx_after_stop_wait. */
 #include <criterion/criterion.h>
 #include <dirent.h>
+#include <inttypes.h>
 #include <pthread.h>
+#include <sched.h>
 #include <stdatomic.h>
 #include <stdlib.h>
 #include <sys/eventfd.h>
@@ -144,6 +146,62 @@ Test(after, fires_at_a_deadline_nobody_watches)
 	cr_assert(probe_ran(&p, 5000));
 	cr_assert_geq(p.at, deadline);
 	cr_assert_eq(p.err_seen, ETIMEDOUT);
+	ctx_unref(c);
+	probe_fini(&p);
+}
+
+/* The after thread watches for more work for a moment before it sleeps
+ * (lib/after.c); a stream of cancels arriving faster than that must not keep
+ * it from a deadline. */
+static atomic_bool stream_stop;
+static atomic_long stream_pushed, stream_ran;
+
+static void stream_fn(void *arg)
+{
+	(void)arg;
+	atomic_fetch_add(&stream_ran, 1);
+}
+
+static void *stream_pusher(void *arg)
+{
+	(void)arg;
+	int64_t end = now_ns() + 5 * CTX_SEC;
+	while (!atomic_load(&stream_stop) && now_ns() < end) {
+		ctx_t *c = ctx_with_cancel(ctx_background());
+		cr_assert_not_null(c);
+		cr_assert_eq(ctx_after_func(c, stream_fn, NULL, NULL), 0);
+		atomic_fetch_add(&stream_pushed, 1);
+		ctx_cancel(c);
+		ctx_unref(c);
+	}
+	return NULL;
+}
+
+Test(after, a_deadline_fires_on_time_during_a_stream_of_cancels)
+{
+	struct probe p;
+	probe_init(&p);
+	pthread_t t;
+	cr_assert_eq(pthread_create(&t, NULL, stream_pusher, NULL), 0);
+	while (atomic_load(&stream_ran) < 1000) /* the stream is flowing */
+		sched_yield();
+	ctx_t *c = ctx_with_timeout(ctx_background(), 30 * CTX_MSEC);
+	struct timespec d;
+	cr_assert(ctx_deadline(c, &d));
+	int64_t deadline = (int64_t)d.tv_sec * CTX_SEC + d.tv_nsec;
+	cr_assert_eq(ctx_after_func(c, probe_fn, &p, NULL), 0);
+	bool ran = probe_ran(&p, 2000);
+	long ran_during = atomic_load(&stream_ran);
+	atomic_store(&stream_stop, true);
+	pthread_join(t, NULL);
+	cr_assert(ran, "the deadline's after-function did not run within 2 s "
+		       "(%ld stream functions ran)", ran_during);
+	cr_assert_lt(p.at - deadline, 500 * CTX_MSEC, "fired %" PRId64 " ms late",
+		     (p.at - deadline) / CTX_MSEC);
+	int64_t end = now_ns() + 5 * CTX_SEC;
+	while (atomic_load(&stream_ran) < atomic_load(&stream_pushed) && now_ns() < end)
+		sched_yield();
+	cr_assert_eq(atomic_load(&stream_ran), atomic_load(&stream_pushed));
 	ctx_unref(c);
 	probe_fini(&p);
 }
