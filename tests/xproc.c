@@ -308,6 +308,16 @@ Test(with_fd, a_done_parent_gives_a_child_born_done_and_nothing_leaks)
 	cr_assert(settles_within(before, 5000));
 }
 
+/* An open, unlinked regular file: an fd epoll refuses (EPERM). */
+static int regular_file(void)
+{
+	char path[] = "/tmp/ctx-xproc-XXXXXX";
+	int file = mkostemp(path, O_CLOEXEC);
+	cr_assert_geq(file, 0);
+	unlink(path);
+	return file;
+}
+
 Test(with_fd, bad_arguments_fail_with_a_clear_errno_and_leak_nothing)
 {
 	warm_up();
@@ -321,10 +331,7 @@ Test(with_fd, bad_arguments_fail_with_a_clear_errno_and_leak_nothing)
 	cr_assert_eq(errno, EBADF);
 	cr_assert_null(ctx_with_fd(ctx_background(), 4000, 0)); /* not open */
 	cr_assert_eq(errno, EBADF);
-	char path[] = "/tmp/ctx-xproc-XXXXXX";
-	int file = mkostemp(path, O_CLOEXEC);
-	cr_assert_geq(file, 0);
-	unlink(path);
+	int file = regular_file();
 	cr_assert_null(ctx_with_fd(ctx_background(), file, 0)); /* not pollable */
 	cr_assert_eq(errno, EPERM);
 	close(file);
@@ -1215,10 +1222,7 @@ Test(with_fd, a_forked_child_runs_the_after_functions_its_inherited_watch_fires)
 	/* A watch that fails (a regular file cannot be polled) once it has
 	 * registered xproc's fork handlers, before any after-function has
 	 * registered after.c's: ours go between. */
-	char path[] = "/tmp/ctx-xproc-XXXXXX";
-	int file = mkostemp(path, O_CLOEXEC);
-	cr_assert_geq(file, 0);
-	unlink(path);
+	int file = regular_file();
 	cr_assert_null(ctx_with_fd(ctx_background(), file, 0));
 	cr_assert_eq(errno, EPERM);
 	close(file);
