@@ -305,7 +305,7 @@ static void *loop(void *unused)
 			/* A stream of cancels must not keep the thread from a
 			 * deadline that is due, or from an earlier one inserted
 			 * meanwhile (which bumps wake_seq). */
-			if (ctxi_now() < next &&
+			if ((next == CTXI_NEVER || ctxi_now() < next) &&
 			    atomic_load_explicit(&wake_seq, memory_order_relaxed) == seq)
 				continue;
 		}
