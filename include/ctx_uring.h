@@ -89,8 +89,11 @@ struct ctx_uring_result {
 /* Creates a binding for `ring`, which the caller has set up and keeps
  * owning.  Checks that the kernel has the operations the library needs
  * (POLL_ADD, POLL_REMOVE, ASYNC_CANCEL, LINK_TIMEOUT, NOP).
- * Returns NULL with errno EINVAL (ring NULL), ENOMEM, or EOPNOTSUPP (the
- * kernel lacks an operation, or cannot be probed: Linux < 5.6). */
+ * Returns NULL with errno EINVAL (ring NULL, set up with IORING_SETUP_IOPOLL,
+ * which cannot poll a context's fd, or with fewer than 3 SQ entries), ENOMEM,
+ * or EOPNOTSUPP (the kernel lacks an operation, or cannot be probed: Linux
+ * < 5.6).  Deadlines are converted to the host's clock if the process runs
+ * in a time namespace (io_uring ignores its offsets). */
 ctx_uring_t *ctx_uring_new(struct io_uring *ring);
 
 /* Frees the binding and drops the context references it holds.  It does
@@ -123,7 +126,8 @@ void ctx_uring_free(ctx_uring_t *cu);
  * The context is referenced until the operation's last CQE has been seen.
  * Returns 0; EINVAL (an argument NULL, or sqe->flags has IOSQE_IO_LINK,
  * IOSQE_IO_HARDLINK or IOSQE_CQE_SKIP_SUCCESS, which would hide the
- * completion the library tracks); EBUSY when the submission queue lacks
+ * completion the library tracks, or IOSQE_IO_DRAIN, which would hold back
+ * the library's cancels: no SQE on the ring may carry it); EBUSY when the submission queue lacks
  * room (submit, reap, and try again); ENOMEM; or ctx_fd()'s errno (EMFILE,
  * ENFILE) when the context's fd cannot be created.
  */

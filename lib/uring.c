@@ -34,7 +34,9 @@
 #include "ctx_uring.h"
 
 #include <poll.h>
+#include <stdio.h>
 #include <string.h>
+#include <sys/stat.h>
 
 enum { T_OP = 1, T_TIMEOUT, T_POLL, T_CANCEL, T_POLLREM };
 
@@ -101,6 +103,7 @@ struct ctx_uring {
 	uint32_t idle;             /* bindings without operations */
 	size_t inflight;
 	unsigned skip; /* IOSQE_CQE_SKIP_SUCCESS for cancels, if the kernel has it */
+	int64_t mono_off; /* CLOCK_MONOTONIC offset of our time namespace, ns */
 };
 
 /* ------------------------------------------------------------------------ */
@@ -398,9 +401,42 @@ static void sweep_idle(ctx_uring_t *cu)
 /* ------------------------------------------------------------------------ */
 /* API */
 
+/*
+ * io_uring reads an absolute timeout on the host's CLOCK_MONOTONIC, while
+ * ctx_deadline() is on this process's, which a time namespace offsets (a
+ * container restored by CRIU, `unshare --time`): host = ours - offset.
+ * /proc/self/timens_offsets shows the offsets of the namespace our children
+ * get; it is ours unless this process unshared CLONE_NEWTIME itself, which
+ * the namespace inodes tell (then our offsets cannot be read: assume 0).
+ */
+static int64_t timens_mono_offset(void)
+{
+	struct stat own, kids;
+	if (stat("/proc/self/ns/time", &own) || stat("/proc/self/ns/time_for_children", &kids) ||
+	    own.st_ino != kids.st_ino || own.st_dev != kids.st_dev)
+		return 0; /* no time namespaces (Linux < 5.6), or not ours */
+	FILE *f = fopen("/proc/self/timens_offsets", "re");
+	if (!f)
+		return 0;
+	char name[32];
+	long long sec;
+	long nsec;
+	int64_t off = 0;
+	while (fscanf(f, "%31s %lld %ld", name, &sec, &nsec) == 3) {
+		if (!strcmp(name, "monotonic") || !strcmp(name, "1")) {
+			off = (int64_t)sec * CTX_SEC + nsec;
+			break;
+		}
+	}
+	fclose(f);
+	return off;
+}
+
 ctx_uring_t *ctx_uring_new(struct io_uring *ring)
 {
-	if (!ring) {
+	/* An IOPOLL ring rejects POLL_ADD (-EINVAL): no op could be cancelled.
+	 * The first op on a context with a deadline needs three SQEs. */
+	if (!ring || (ring->flags & IORING_SETUP_IOPOLL) || ring->sq.ring_entries < 3) {
 		errno = EINVAL;
 		return NULL;
 	}
@@ -428,6 +464,7 @@ ctx_uring_t *ctx_uring_new(struct io_uring *ring)
 	cu->binds.esize = sizeof(struct binding);
 	/* Successful cancels need no CQE (Linux 5.17+). */
 	cu->skip = (ring->features & IORING_FEAT_CQE_SKIP) ? IOSQE_CQE_SKIP_SUCCESS : 0;
+	cu->mono_off = timens_mono_offset();
 	return cu;
 }
 
@@ -489,9 +526,15 @@ static struct binding *new_binding(ctx_uring_t *cu, struct ctxi_cancel *a, int f
 	b->fd = fd;
 	struct timespec d;
 	if (ctx_deadline(&a->base, &d)) {
+		/* On the host's clock (see timens_mono_offset()). */
+		int64_t ns = (int64_t)d.tv_sec * CTX_SEC + d.tv_nsec, host;
+		if (__builtin_sub_overflow(ns, cu->mono_off, &host))
+			host = cu->mono_off > 0 ? 0 : INT64_MAX;
+		if (host < 0)
+			host = 0;
 		b->has_deadline = true;
-		b->ts.tv_sec = d.tv_sec;
-		b->ts.tv_nsec = d.tv_nsec;
+		b->ts.tv_sec = host / CTX_SEC;
+		b->ts.tv_nsec = host % CTX_SEC;
 	}
 	uint32_t h = hash_ptr(a, cu->nbuckets);
 	b->hnext = cu->buckets[h];
@@ -505,7 +548,10 @@ int ctx_uring_queue(ctx_uring_t *cu, ctx_t *ctx, const struct io_uring_sqe *sqe)
 {
 	if (!cu || !ctx || !sqe)
 		return EINVAL;
-	if (sqe->flags & (IOSQE_IO_LINK | IOSQE_IO_HARDLINK | IOSQE_CQE_SKIP_SUCCESS))
+	/* IOSQE_IO_DRAIN: the kernel starts no later SQE before a drained one
+	 * completes, so the cancel of a drained op (or of an earlier op the
+	 * drained one waits for) would never start. */
+	if (sqe->flags & (IOSQE_IO_LINK | IOSQE_IO_HARDLINK | IOSQE_CQE_SKIP_SUCCESS | IOSQE_IO_DRAIN))
 		return EINVAL;
 	flush_cancels(cu); /* cancels for done contexts go before new work */
 	struct io_uring *ring = cu->ring;
@@ -625,6 +671,13 @@ static void poll_done(ctx_uring_t *cu, struct binding *b, uint32_t bi, int res)
 		b->needs_poll = true;
 		cq_push(cu, b, bi);
 		flush_cancels(cu);
+	} else {
+		/* The poll ended and is not armed again (an idle binding's poll
+		 * hit by a cancel-any of the caller's, or an error): the binding
+		 * leaves the map, so that the next op on the context gets a new
+		 * binding with a poll of its own, not one that ctx_cancel() can
+		 * no longer reach. */
+		map_del(cu, b);
 	}
 	maybe_free_binding(cu, b, bi);
 }

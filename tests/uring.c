@@ -13,6 +13,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sched.h>
 #include <sys/prctl.h>
 #include <sys/socket.h>
 #include <sys/syscall.h>
@@ -570,6 +571,181 @@ Test(uring, idle_context_is_released_by_the_ring)
 	ring_down();
 	close(sv[0]);
 	close(sv[1]);
+}
+
+/* A caller's cancel-any also ends the library's poll of an idle binding (its
+ * op has completed).  An op queued on the same context before the next
+ * ctx_uring_submit() must not join that binding without a poll: ctx_cancel()
+ * could never reach it (it stayed in flight for good). */
+Test(uring, op_after_a_cancel_any_ended_the_idle_poll_is_still_cancellable)
+{
+	ring_up(16);
+	ctx_t *c = ctx_with_cancel(ctx_background());
+	int a[2], b[2];
+	socketpair_or_die(a);
+	socketpair_or_die(b);
+	char x[4], y[4];
+	struct io_uring_sqe s1 = recv_sqe(a[0], x, 4, 1);
+	queue(c, &s1);
+	cr_assert(ctx_uring_submit(cu, 0) >= 0);
+	cr_assert_eq(write(a[1], "1", 1), 1);
+	struct ctx_uring_result r;
+	cr_assert_eq(reap(&r, 1, 1, 2000, true), 1);
+	cr_assert_eq(r.res, 1);
+
+	struct io_uring_sqe *any = io_uring_get_sqe(&ring);
+	io_uring_prep_cancel64(any, 0, IORING_ASYNC_CANCEL_ANY);
+	io_uring_sqe_set_data64(any, 99);
+	cr_assert_eq(io_uring_submit(&ring), 1);
+	int lib0 = lib_cqes;
+	cr_assert_eq(reap(&r, 1, 1, 2000, false), 1);
+	cr_assert_eq(r.user_data, 99);
+	cr_assert_eq(r.res, 1, "the cancel-any found the library's poll");
+	for (int64_t end = now_ns() + 2 * CTX_SEC; lib_cqes == lib0 && now_ns() < end;)
+		reap(&r, 1, 0, 10, false);
+	cr_assert_eq(lib_cqes, lib0 + 1, "the poll's -ECANCELED");
+
+	struct io_uring_sqe s2 = recv_sqe(b[0], y, 4, 2); /* same loop turn */
+	cr_assert_eq(ctx_uring_queue(cu, c, &s2), 0);
+	cr_assert(ctx_uring_submit(cu, 0) >= 0);
+	cr_assert_eq(ctx_cancel(c), 0);
+	cr_assert_eq(reap(&r, 1, 1, 2000, true), 1, "ctx_cancel() never reached the op");
+	cr_assert_eq(r.user_data, 2);
+	cr_assert_eq(r.res, -ECANCELED);
+	cr_assert_eq(r.ended_by, ECANCELED);
+	ring_down();
+	ctx_unref(c);
+	close(a[0]), close(a[1]), close(b[0]), close(b[1]);
+}
+
+/* Run in a time namespace: the first test's read, ended by the link timeout
+ * alone (the ring is entered to submit only once).  Exit 0 if it ended at
+ * its deadline with -ETIMEDOUT. */
+static int timens_read_check(void)
+{
+	struct io_uring rg;
+	if (io_uring_queue_init(8, &rg, 0))
+		return 10;
+	ctx_uring_t *u = ctx_uring_new(&rg);
+	int p[2];
+	if (!u || pipe2(p, O_CLOEXEC))
+		return 11;
+	ctx_t *c = ctx_with_timeout(ctx_background(), 100 * CTX_MSEC);
+	char buf[8];
+	struct io_uring_sqe s = {0};
+	io_uring_prep_read(&s, p[0], buf, sizeof(buf), 0);
+	io_uring_sqe_set_data64(&s, 42);
+	int64_t t0 = now_ns();
+	if (ctx_uring_queue(u, c, &s) || io_uring_submit(&rg) != 3)
+		return 12;
+	for (;;) {
+		struct io_uring_cqe *cqe;
+		struct __kernel_timespec ts = {.tv_sec = 2};
+		if (io_uring_wait_cqe_timeout(&rg, &cqe, &ts)) {
+			printf("timens: the read did not end within 2 s\n");
+			return 1;
+		}
+		struct ctx_uring_result r;
+		bool mine = ctx_uring_cqe(u, cqe, &r);
+		io_uring_cqe_seen(&rg, cqe);
+		if (!mine)
+			continue;
+		int64_t ms = (now_ns() - t0) / CTX_MSEC;
+		if (ms < 90 || r.res != -ETIMEDOUT) {
+			printf("timens: the read ended after %lld ms with %d, ended_by %d\n", (long long)ms,
+			       r.res, r.ended_by);
+			return 2;
+		}
+		return 0;
+	}
+}
+
+/* Runs timens_read_check() in a new time namespace whose CLOCK_MONOTONIC is
+ * offset by `sec`.  Returns its exit status, or 77 if no namespace. */
+static int in_time_namespace(long long sec)
+{
+	fflush(stdout);
+	pid_t pid = fork();
+	if (pid == 0) {
+		if (unshare(CLONE_NEWTIME) && unshare(CLONE_NEWUSER | CLONE_NEWTIME))
+			_exit(77);
+		char line[64];
+		int n = snprintf(line, sizeof(line), "monotonic %lld 0\n", sec);
+		int fd = open("/proc/self/timens_offsets", O_WRONLY | O_CLOEXEC);
+		if (fd < 0 || write(fd, line, (size_t)n) != n)
+			_exit(77);
+		close(fd);
+		pid_t g = fork(); /* the first process in the namespace */
+		if (g == 0)
+			_exit(timens_read_check());
+		int st;
+		if (g < 0 || waitpid(g, &st, 0) != g || !WIFEXITED(st))
+			_exit(13);
+		_exit(WEXITSTATUS(st));
+	}
+	int st;
+	cr_assert_eq(waitpid(pid, &st, 0), pid);
+	cr_assert(WIFEXITED(st));
+	return WEXITSTATUS(st);
+}
+
+/* io_uring reads absolute timeouts on the host's clock, not the namespace's:
+ * unconverted, a deadline 100 ms ahead fired at once behind a negative
+ * offset (-ECANCELED, ended_by 0) and 1000 s late behind a positive one. */
+Test(uring, link_timeout_deadline_holds_in_a_time_namespace)
+{
+	int neg = in_time_namespace(-1000), pos = in_time_namespace(1000);
+	if (neg == 77 && pos == 77)
+		cr_skip_test("no time namespace here");
+	if (neg != 77)
+		cr_assert_eq(neg, 0, "offset -1000 s: check failed (%d)", neg);
+	if (pos != 77)
+		cr_assert_eq(pos, 0, "offset +1000 s: check failed (%d)", pos);
+}
+
+/* A drained SQE holds back every later SQE until it completes, the library's
+ * cancels included: the cancel of an earlier op bound to a cancelled context
+ * waited for the drained op, which waited for that op (for good). */
+Test(uring, drained_sqe_is_refused)
+{
+	ring_up(8);
+	ctx_t *c = ctx_with_cancel(ctx_background());
+	int sv[2];
+	socketpair_or_die(sv);
+	char buf[4];
+	struct io_uring_sqe s = recv_sqe(sv[0], buf, 4, 1);
+	s.flags |= IOSQE_IO_DRAIN;
+	cr_assert_eq(ctx_uring_queue(cu, c, &s), EINVAL);
+	cr_assert_eq(ctx_uring_queue(cu, ctx_background(), &s), EINVAL);
+	cr_assert_eq(io_uring_sq_ready(&ring), 0);
+	cr_assert_eq(ctx_uring_inflight(cu), 0);
+	ring_down();
+	ctx_unref(c);
+	close(sv[0]);
+	close(sv[1]);
+}
+
+/* Rings the binding cannot serve are refused up front: on an IOPOLL ring the
+ * context's poll fails (-EINVAL), so ctx_cancel() reached no op; on a ring of
+ * fewer than 3 SQ entries the first op on a timed context was EBUSY forever. */
+Test(uring, iopoll_and_tiny_rings_are_refused)
+{
+	struct io_uring rg;
+	cr_assert_eq(io_uring_queue_init(8, &rg, IORING_SETUP_IOPOLL), 0);
+	errno = 0;
+	cr_assert_null(ctx_uring_new(&rg));
+	cr_assert_eq(errno, EINVAL);
+	io_uring_queue_exit(&rg);
+	cr_assert_eq(io_uring_queue_init(2, &rg, 0), 0);
+	errno = 0;
+	cr_assert_null(ctx_uring_new(&rg));
+	cr_assert_eq(errno, EINVAL);
+	io_uring_queue_exit(&rg);
+	cr_assert_eq(io_uring_queue_init(4, &rg, 0), 0);
+	ctx_uring_t *u = ctx_uring_new(&rg);
+	cr_assert_not_null(u);
+	ctx_uring_free(u);
+	io_uring_queue_exit(&rg);
 }
 
 /* ------------------------------------------------------------------------ */
