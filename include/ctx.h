@@ -257,7 +257,14 @@ bool ctx_after_stop_wait(ctx_after_t *stop);
  * If the process is out of fds, ctx_wait() and ctx_sleep() still work (they
  * fall back to a futex).  The other calls create the context's fd only when
  * they have to wait: one that can proceed at once succeeds; one that must
- * wait fails with the ctx_fd() errno (EMFILE, ENFILE, ENOMEM).
+ * wait fails with the ctx_fd() errno (EMFILE, ENFILE, ENOMEM), unless its
+ * context can never be done (it then waits on the caller's fds alone).
+ *
+ * A context fd shared with another process (inherited across fork()) can be
+ * made readable there while this process's context is not done; these calls
+ * then stop polling it and still end at their timeout, at the context's
+ * deadline and at a cancel made in this process (ctx_wait and ctx_sleep on a
+ * futex, the others in 10 ms slices).
  *
  * EINTR is retried, so a signal no longer interrupts these calls: cancel a
  * context from the signal's handler thread (or a signalfd loop) instead.

@@ -50,6 +50,74 @@ static int poll_until(struct pollfd *p, nfds_t n, int64_t until)
 	}
 }
 
+/*
+ * A context fd that polls readable while ctx_err() says 0 is an open file
+ * shared with another process (inherited across fork(), README "fork")
+ * whose cancel made it readable: it stays readable, and polling it again
+ * would return at once, forever.  The calls then wait without it:
+ * ctx_wait() and ctx_sleep() on the fd-less futex (lib/wait.c), the others
+ * in slices of SHARED_SLICE, looking at the context between them and waking
+ * at its deadline.
+ */
+#define SHARED_SLICE (10 * CTX_MSEC)
+
+/* The context's fd for a poll set, or -1 with errno (out of fds).  A context
+ * that can never be done needs none: if even the shared never-readable fd
+ * cannot be made, *none is set and the entry gets fd -1, which poll
+ * ignores. */
+static int poll_fd(ctx_t *ctx, bool *none)
+{
+	int cfd = ctx_fd(ctx);
+	*none = cfd < 0 && !ctxi_anchor(ctx);
+	return cfd;
+}
+
+/* Polls p[0..n-1] next to the context's entry p[n] until CLOCK_MONOTONIC
+ * reaches `until` (CTXI_NEVER: no limit).  Returns the number of ready
+ * entries among p[0..n-1] (a tie goes to them: their readiness is real), 0
+ * at `until`, or -1 with errno: the context's err (*done set) if it is done
+ * first, or poll's own. */
+static int poll_ctx(ctx_t *ctx, struct pollfd *p, nfds_t n, int64_t until, bool *done)
+{
+	bool shared = false; /* p[n] was readable while not done: dropped */
+	int64_t deadline = CTXI_NEVER;
+	*done = false;
+	for (;;) {
+		int64_t end = until;
+		if (shared) {
+			int64_t s = ctxi_now() + SHARED_SLICE;
+			if (s < end)
+				end = s;
+			if (deadline < end)
+				end = deadline;
+		}
+		int r = poll_until(p, n + 1, end);
+		if (r < 0)
+			return -1;
+		bool cready = p[n].revents != 0;
+		r -= cready;
+		if (r > 0)
+			return r;
+		if (cready || shared) {
+			int err = ctx_err(ctx);
+			if (err) {
+				*done = true;
+				return fail(err);
+			}
+			if (cready) { /* see SHARED_SLICE */
+				shared = true;
+				p[n].fd = -1;
+				p[n].revents = 0;
+				struct ctxi_cancel *a = ctxi_anchor(ctx);
+				if (a && a->base.kind == CTXI_TIMED)
+					deadline = ((struct ctxi_timed *)a)->deadline;
+			}
+		}
+		if (ctxi_now() >= until)
+			return 0;
+	}
+}
+
 /* ------------------------------------------------------------------------ */
 /* Waiting */
 
@@ -70,9 +138,11 @@ static int wait_until(ctx_t *ctx, int64_t until)
 		if (n > 0) {
 			if ((err = ctx_err(ctx)))
 				return err;
-		} else if (ctxi_now() >= until) {
-			return 0;
+			/* Readable, not done: see SHARED_SLICE. */
+			return ctxi_wait_nofd(ctx, until);
 		}
+		if (ctxi_now() >= until)
+			return 0;
 	}
 }
 
@@ -101,6 +171,7 @@ int ctx_sleep(ctx_t *ctx, int64_t ns)
 
 int ctx_poll(ctx_t *ctx, struct pollfd *fds, nfds_t nfds, int timeout_ms)
 {
+	int n;
 	if (!ctx)
 		return fail(EINVAL);
 	int err = ctx_err(ctx);
@@ -109,16 +180,25 @@ int ctx_poll(ctx_t *ctx, struct pollfd *fds, nfds_t nfds, int timeout_ms)
 	if (nfds && !fds)
 		return fail(EFAULT);
 	if (timeout_ms == 0) { /* nothing to wait for: no copy, no context fd */
-		int n;
 		while ((n = poll(fds, nfds, 0)) < 0 && errno == EINTR)
 			;
 		return n;
 	}
 	if (nfds >= SIZE_MAX / sizeof(*fds))
 		return fail(EINVAL);
-	int cfd = ctx_fd(ctx);
-	if (cfd < 0)
+	bool none;
+	int cfd = poll_fd(ctx, &none);
+	if (cfd < 0 && !none) {
+		/* Out of fds: entries that are ready now need no context fd
+		 * (ctx.h: a call that can proceed at once succeeds). */
+		int e = errno;
+		while ((n = poll(fds, nfds, 0)) < 0 && errno == EINTR)
+			;
+		if (n)
+			return n;
+		errno = e;
 		return -1;
+	}
 	/* A copy, so that the user's array is touched only in revents. */
 	struct pollfd stack[POLL_STACK], *p = stack;
 	if (nfds >= POLL_STACK && !(p = ctxi_alloc((nfds + 1) * sizeof(*p))))
@@ -127,23 +207,11 @@ int ctx_poll(ctx_t *ctx, struct pollfd *fds, nfds_t nfds, int timeout_ms)
 		memcpy(p, fds, nfds * sizeof(*p));
 	p[nfds] = (struct pollfd){.fd = cfd, .events = POLLIN};
 	int64_t until = timeout_ms < 0 ? CTXI_NEVER : ctxi_now() + timeout_ms * CTX_MSEC;
-	int n;
-	for (;;) {
-		n = poll_until(p, nfds + 1, until);
-		if (n < 0)
-			break;
+	bool done;
+	n = poll_ctx(ctx, p, nfds, until, &done);
+	if (n >= 0 || done)
 		for (nfds_t i = 0; i < nfds; i++)
 			fds[i].revents = p[i].revents;
-		/* A tie goes to the user's fds: their readiness is real. */
-		n -= p[nfds].revents != 0;
-		if (n > 0 || !p[nfds].revents)
-			break;
-		if ((err = ctx_err(ctx))) {
-			errno = err;
-			n = -1;
-			break;
-		}
-	}
 	if (p != stack) {
 		int e = errno;
 		free(p);
@@ -165,18 +233,12 @@ static int wait_fd(ctx_t *ctx, int fd, short events)
 		return fail(err);
 	if (fd < 0) /* poll would ignore it and wait for the context alone */
 		return fail(EBADF);
-	int cfd = ctx_fd(ctx);
-	if (cfd < 0)
+	bool none, done;
+	int cfd = poll_fd(ctx, &none);
+	if (cfd < 0 && !none)
 		return -1;
 	struct pollfd p[2] = {{.fd = fd, .events = events}, {.fd = cfd, .events = POLLIN}};
-	for (;;) {
-		if (poll_until(p, 2, CTXI_NEVER) < 0)
-			return -1;
-		if (p[0].revents) /* a tie goes to the fd: data may move */
-			return 0;
-		if ((err = ctx_err(ctx)))
-			return fail(err);
-	}
+	return poll_ctx(ctx, p, 1, CTXI_NEVER, &done) < 0 ? -1 : 0;
 }
 
 /* Regular files and block devices: poll always calls them ready and RWF_NOWAIT
@@ -324,23 +386,16 @@ static int connect_nb(ctx_t *ctx, int cfd, int fd, const struct sockaddr *addr,
 		 * (an unconnected socket polls writable), so retry with a backoff
 		 * spent waiting on the context. */
 		struct pollfd p = {.fd = cfd, .events = POLLIN};
-		int n = poll_until(&p, 1, ctxi_now() + backoff);
-		if (n < 0)
+		bool done;
+		if (poll_ctx(ctx, &p, 0, ctxi_now() + backoff, &done) < 0)
 			return -1;
-		if (n > 0 && (err = ctx_err(ctx)))
-			return fail(err);
 		if (backoff < 64 * CTX_MSEC)
 			backoff *= 2;
 	}
 	struct pollfd p[2] = {{.fd = fd, .events = POLLOUT}, {.fd = cfd, .events = POLLIN}};
-	for (;;) {
-		if (poll_until(p, 2, CTXI_NEVER) < 0)
-			return -1;
-		if (p[0].revents)
-			break;
-		if ((err = ctx_err(ctx)))
-			return fail(err);
-	}
+	bool done;
+	if (poll_ctx(ctx, p, 1, CTXI_NEVER, &done) < 0)
+		return -1;
 	socklen_t len = sizeof(err);
 	if (getsockopt(fd, SOL_SOCKET, SO_ERROR, &err, &len) < 0)
 		return -1;

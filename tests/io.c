@@ -18,6 +18,7 @@
 #include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/un.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include "helpers.h"
@@ -40,6 +41,7 @@ SUITE(wait);
 SUITE(already_done);
 SUITE(eintr);
 SUITE(no_fds);
+SUITE(shared_fd);
 SUITE(null_context);
 SUITE(errors);
 
@@ -1189,6 +1191,145 @@ Test(no_fds, io_calls_fail_with_EMFILE_but_data_already_present_is_returned)
 	close(l);
 	rig_down(&r);
 	ctx_release(ctx);
+}
+
+Test(no_fds, poll_returns_entries_that_are_ready_at_once)
+{
+	/* ctx.h: out of fds, a call that can proceed at once succeeds. */
+	int p[2];
+	cr_assert_eq(pipe2(p, O_CLOEXEC), 0);
+	cr_assert_eq(write(p[1], "x", 1), 1);
+	ctx_t *ctx = ctx_with_cancel(ctx_background());
+	struct fd_famine f;
+	starve_fds(&f);
+	struct pollfd pf[2] = {{.fd = p[0], .events = POLLIN}, {.fd = p[1], .events = POLLIN}};
+	int rc[3], e[3];
+	errno = 0;
+	rc[0] = ctx_poll(ctx, pf, 2, -1), e[0] = errno;
+	short rev0 = pf[0].revents, rev1 = pf[1].revents;
+	errno = 0;
+	rc[1] = ctx_poll(ctx_background(), pf, 1, 1000), e[1] = errno; /* no never-fd yet */
+	pf[0].fd = p[1]; /* nothing to read on the write end: must wait, and cannot */
+	errno = 0;
+	rc[2] = ctx_poll(ctx, pf, 1, 1000), e[2] = errno;
+	feed_fds(&f);
+	cr_assert_eq(rc[0], 1, "ctx_poll returned %d, errno %d", rc[0], e[0]);
+	cr_assert(rev0 & POLLIN);
+	cr_assert_eq(rev1, 0);
+	cr_assert_eq(rc[1], 1, "ctx_poll(background) returned %d, errno %d", rc[1], e[1]);
+	cr_assert_eq(rc[2], -1);
+	cr_assert_eq(e[2], EMFILE);
+	close(p[0]);
+	close(p[1]);
+	ctx_release(ctx);
+}
+
+Test(no_fds, a_context_that_can_never_be_done_needs_no_fd_to_wait)
+{
+	struct rig r;
+	rig_up(&r, OP_READ, false);
+	struct job j = {.op = OP_READ, .ctx = ctx_background(), .fd = r.fd, .hold = true};
+	job_start(&j, true);
+	struct fd_famine f;
+	starve_fds(&f); /* before the shared never-fd exists */
+	job_go(&j, true);
+	cr_assert_eq(write(r.peer, "y", 1), 1);
+	job_join(&j);
+	feed_fds(&f);
+	cr_assert_eq(j.ret, 1, "ctx_read returned %zd, errno %d", j.ret, j.err);
+	rig_down(&r);
+}
+
+/* ------------------------------------------------------------------------ */
+/* A context fd shared with a forked process (README, "fork"): the other
+ * process's cancel makes it readable while ctx_err() here says 0.  The calls
+ * must still honour their own timeouts, block without spinning, and end on a
+ * cancel or deadline of this process. */
+
+static void cancel_in_a_forked_child(ctx_t *ctx)
+{
+	int fd = ctx_fd(ctx);
+	cr_assert_geq(fd, 0);
+	pid_t pid = fork();
+	cr_assert_geq(pid, 0);
+	if (pid == 0) {
+		ctx_cancel(ctx);
+		_exit(0);
+	}
+	int st;
+	cr_assert_eq(waitpid(pid, &st, 0), pid);
+	cr_assert(readable_now(fd));
+	cr_assert_eq(ctx_err(ctx), 0);
+}
+
+static int64_t cpu_ns(void)
+{
+	struct timespec ts;
+	clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &ts);
+	return (int64_t)ts.tv_sec * CTX_SEC + ts.tv_nsec;
+}
+
+Test(shared_fd, sleep_and_poll_end_at_their_own_time_without_spinning)
+{
+	struct rig r;
+	rig_up(&r, OP_READ, false);
+	ctx_t *ctx = ctx_with_cancel(ctx_background());
+	cancel_in_a_forked_child(ctx);
+	struct job j[2] = {{.op = OP_SLEEP, .ctx = ctx, .ns = 100 * CTX_MSEC},
+			   {.op = OP_POLL, .ctx = ctx, .fd = r.fd, .timeout_ms = 100}};
+	for (int i = 0; i < 2; i++) {
+		int64_t cpu0 = cpu_ns();
+		job_start(&j[i], false);
+		job_join(&j[i]);
+		int64_t cpu = cpu_ns() - cpu0;
+		cr_assert_eq(j[i].ret, 0, "%s returned %zd (errno %d)", op_name[j[i].op], j[i].ret,
+			     j[i].err);
+		cr_assert_geq(j[i].t_ret - j[i].t_call, 100 * CTX_MSEC);
+		cr_assert_lt(cpu, 50 * CTX_MSEC, "%s spun: %lld ns of CPU", op_name[j[i].op],
+			     (long long)cpu);
+	}
+	ctx_release(ctx);
+	rig_down(&r);
+}
+
+Test(shared_fd, waits_block_and_end_on_a_cancel_here)
+{
+	enum op ops[] = {OP_WAIT, OP_READ, OP_POLL};
+	for (int i = 0; i < 3; i++) {
+		struct rig r;
+		rig_up(&r, OP_READ, false);
+		ctx_t *ctx = ctx_with_cancel(ctx_background());
+		cancel_in_a_forked_child(ctx);
+		struct job j = {.op = ops[i], .ctx = ctx, .fd = r.fd};
+		job_start(&j, true); /* asleep in the kernel, not spinning */
+		cr_assert_eq(ctx_cancel(ctx), 0);
+		job_join(&j);
+		if (ops[i] == OP_WAIT) {
+			cr_assert_eq(j.ret, ECANCELED);
+		} else {
+			cr_assert_eq(j.ret, -1, "%s returned %zd", op_name[ops[i]], j.ret);
+			cr_assert_eq(j.err, ECANCELED);
+		}
+		ctx_release(ctx);
+		rig_down(&r);
+	}
+}
+
+Test(shared_fd, read_ends_at_the_context_deadline)
+{
+	struct rig r;
+	rig_up(&r, OP_READ, false);
+	ctx_t *ctx = ctx_with_timeout(ctx_background(), 300 * CTX_MSEC);
+	int64_t deadline = deadline_of(ctx);
+	cancel_in_a_forked_child(ctx);
+	struct job j = {.op = OP_READ, .ctx = ctx, .fd = r.fd};
+	job_start(&j, true);
+	job_join(&j);
+	cr_assert_eq(j.ret, -1);
+	cr_assert_eq(j.err, ETIMEDOUT);
+	cr_assert_geq(j.t_ret, deadline);
+	ctx_release(ctx);
+	rig_down(&r);
 }
 
 /* ------------------------------------------------------------------------ */
