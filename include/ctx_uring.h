@@ -98,10 +98,13 @@ ctx_uring_t *ctx_uring_new(struct io_uring *ring);
 
 /* Frees the binding and drops the context references it holds.  It does
  * not touch the ring: call it after io_uring_queue_exit(), or once no
- * bound operation and no poll of the library is in flight any more (see
- * ctx_uring_inflight()).  CQEs with the library's tags that arrive after
- * this call must not be passed to any ctx_uring_* function.  NULL is
- * ignored. */
+ * bound operation and no poll of the library is in flight any more.
+ * ctx_uring_inflight() counts operations only: a context whose last
+ * operation has completed keeps the library's poll on its fd (and the fd
+ * open in the kernel) until two later ctx_uring_submit() calls have
+ * removed it, or until the ring exits, so io_uring_queue_exit() first is
+ * the simple order.  CQEs with the library's tags that arrive after this
+ * call must not be passed to any ctx_uring_* function.  NULL is ignored. */
 void ctx_uring_free(ctx_uring_t *cu);
 
 /*
