@@ -101,9 +101,9 @@ ctx_uring_t *ctx_uring_new(struct io_uring *ring);
  * bound operation and no poll of the library is in flight any more.
  * ctx_uring_inflight() counts operations only: a context whose last
  * operation has completed keeps the library's poll on its fd (and the fd
- * open in the kernel) until two later ctx_uring_submit() calls have
- * removed it, or until the ring exits, so io_uring_queue_exit() first is
- * the simple order.  CQEs with the library's tags that arrive after this
+ * open in the kernel) until two later ctx_uring_submit() calls have asked
+ * the kernel to remove it and its CQE has been passed to ctx_uring_cqe(),
+ * or until the ring exits: io_uring_queue_exit() first is the simple order.  CQEs with the library's tags that arrive after this
  * call must not be passed to any ctx_uring_* function.  NULL is ignored. */
 void ctx_uring_free(ctx_uring_t *cu);
 
