@@ -441,6 +441,11 @@ static void cascade(struct ctxi_cancel *root)
 		ctxi_after_fire(fire);
 }
 
+static bool deadline_passed(struct ctxi_cancel *n)
+{
+	return n->base.kind == CTXI_TIMED && ctxi_now() >= ((struct ctxi_timed *)n)->deadline;
+}
+
 int ctx_cancel_cause(ctx_t *c, int cause)
 {
 	if (!c || !ctxi_cancellable(c))
@@ -457,10 +462,13 @@ int ctx_cancel_cause(ctx_t *c, int cause)
 		/* As in Go, a second cancel returns only once the first is
 		 * done: the first publishes n when its walk of n's subtree
 		 * ends.  A node done by its deadline was never walked: walk it
-		 * now, so that its descendants' timerfds are fired too. */
+		 * now, so that its descendants' timerfds are fired too.  So is
+		 * one past its deadline that took an ancestor's cancel from a
+		 * walk still on its way (ctxi_state_timed). */
 		if (cur & CTXI_PENDING) {
 			wait_published(n);
-		} else if (ctxi_state_err(cur) == ETIMEDOUT && !quiet_leaf(n)) {
+		} else if ((ctxi_state_err(cur) == ETIMEDOUT || deadline_passed(n)) &&
+			   !quiet_leaf(n)) {
 			ctxi_lock(&n->lock);
 			cascade(n);
 		}
@@ -634,19 +642,57 @@ ctx_t *ctx_without_cancel(ctx_t *parent)
 /* ------------------------------------------------------------------------ */
 /* State */
 
-/* A timed node found with state 0: latch ETIMEDOUT if its deadline has
+/* The nearest anchor above `c` whose effective deadline is c's own (c
+ * inherited it, or had an equal one: the parent's applies), or NULL. */
+static struct ctxi_cancel *same_deadline_anchor(struct ctxi_cancel *c, int64_t deadline)
+{
+	struct ctxi_cancel *a = ctxi_anchor(c->base.parent);
+	if (!a || a->base.kind != CTXI_TIMED || ((struct ctxi_timed *)a)->deadline != deadline)
+		return NULL;
+	return a;
+}
+
+/*
+ * A timed node found with state 0: latch ETIMEDOUT if its deadline has
  * passed.  The fd is fired first, so that it is readable before err says
- * done (the timer interrupt would come tens of microseconds later). */
+ * done (the timer interrupt would come tens of microseconds later).
+ *
+ * A deadline that is an ancestor's (inherited, or equal) makes c done only
+ * through that ancestor, as in Go, where such a child has no timer of its
+ * own: if an ancestor on the way up to the deadline's owner is done already
+ * (a cancel claimed it before the deadline and its walk has not reached c
+ * yet, PENDING), c takes that ancestor's err and cause, not ETIMEDOUT.
+ * Nothing waits here (callers may hold node locks): c is latched with the
+ * final state the walk would give it; its timerfd is fired first as for a
+ * deadline, and the walk, still to come, finds c done and signals below it.
+ * The ancestors passed on the way (state 0, same passed deadline) are
+ * latched too, so a chain read bottom-up is walked once, not once a node.
+ */
 uint64_t ctxi_state_timed(struct ctxi_cancel *c)
 {
 	const struct ctxi_timed *t = (const struct ctxi_timed *)c;
 	if (ctxi_now() < t->deadline)
 		return 0;
-	ctxi_fd_expire(c);
-	uint64_t s = 0, want = ctxi_mkstate(ETIMEDOUT, t->dcause);
-	if (atomic_compare_exchange_strong_explicit(&c->state, &s, want, memory_order_acq_rel,
-						    memory_order_acquire))
-		return want;
+	uint64_t want = ctxi_mkstate(ETIMEDOUT, t->dcause);
+	struct ctxi_cancel *top = c; /* the highest of the chain with state 0 */
+	for (struct ctxi_cancel *a; (a = same_deadline_anchor(top, t->deadline)); top = a) {
+		uint64_t sa = atomic_load_explicit(&a->state, memory_order_acquire);
+		if (sa) {
+			want = ctxi_final(sa);
+			break;
+		}
+	}
+	uint64_t s = 0;
+	for (struct ctxi_cancel *x = c;; x = same_deadline_anchor(x, t->deadline)) {
+		ctxi_fd_expire(x);
+		uint64_t cur = 0;
+		bool won = atomic_compare_exchange_strong_explicit(
+			&x->state, &cur, want, memory_order_acq_rel, memory_order_acquire);
+		if (x == c)
+			s = won ? want : cur;
+		if (x == top)
+			break;
+	}
 	return s;
 }
 

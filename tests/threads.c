@@ -1020,6 +1020,99 @@ Test(threads, a_reader_never_sees_a_parent_done_before_its_children)
 	cr_assert_eq(atomic_load(&r.child_wrong), 0, "child not given the parent's err and cause");
 }
 
+/* A child whose deadline is its parent's (ctx_with_cancel() of a timed
+ * parent, or an equal deadline) is done because the parent is: it must
+ * report the parent's err and cause, as a Go WithCancel child of a timerCtx
+ * always does, even when the parent's cancel walk is still under way when
+ * the deadline passes.  The walk here is long (many children) and starts
+ * shortly before the deadline, so that it straddles it; a reader watches
+ * the child the walk reaches last. */
+struct straddle {
+	ctx_t *volatile child;
+	atomic_int go; /* round number; -1: quit */
+	atomic_int seen_round, err, cause;
+};
+
+static void *read_last_child(void *arg)
+{
+	struct straddle *s = arg;
+	for (int k = 1;; k++) {
+		int cur;
+		while ((cur = atomic_load(&s->go)) != k)
+			if (cur < 0)
+				return NULL;
+		int e;
+		int64_t bound = now_ns() + 5 * CTX_SEC;
+		while ((e = ctx_err(s->child)) == 0 && now_ns() < bound)
+			;
+		atomic_store(&s->err, e);
+		atomic_store(&s->cause, ctx_cause(s->child));
+		atomic_store(&s->seen_round, k);
+	}
+}
+
+Test(threads, children_with_the_parents_deadline_report_its_cancel_when_the_walk_outlasts_it)
+{
+	enum { KIDS = SCALE(100000, 20000) };
+	static ctx_t *kids[KIDS];
+	int rounds = SCALE(6, 3), straddled = 0;
+	/* How long a walk over KIDS children takes here. */
+	ctx_t *p = ctx_with_timeout(ctx_background(), 60 * CTX_SEC);
+	for (int i = 0; i < KIDS; i++)
+		kids[i] = ctx_with_cancel(p);
+	int64_t t0 = now_ns();
+	cr_assert_eq(ctx_cancel(p), 0);
+	int64_t walk = now_ns() - t0;
+	for (int i = 0; i < KIDS; i++)
+		ctx_unref(kids[i]);
+	ctx_unref(p);
+
+	struct straddle s = {.go = 0};
+	pthread_t t;
+	cr_assert_eq(pthread_create(&t, NULL, read_last_child, &s), 0);
+	for (int k = 1; k <= rounds; k++) {
+		p = ctx_with_timeout_cause(ctx_background(), 20 * CTX_MSEC + walk, 77);
+		struct timespec d;
+		cr_assert(ctx_deadline(p, &d));
+		int64_t deadline = (int64_t)d.tv_sec * CTX_SEC + d.tv_nsec;
+		for (int i = 0; i < KIDS; i++) /* kids[0] is walked last */
+			kids[i] = i % 2 ? ctx_with_cancel(p) : ctx_with_deadline(p, d);
+		s.child = kids[0];
+		atomic_store(&s.go, k);
+		while (now_ns() < deadline - walk / 2)
+			;
+		int rc = ctx_cancel_cause(p, 4242);
+		if (rc == 0 && now_ns() > deadline)
+			straddled++;
+		int err = ctx_err(p), cause = ctx_cause(p);
+		if (rc == 0) {
+			cr_assert_eq(err, ECANCELED);
+			cr_assert_eq(cause, 4242);
+		} else {
+			cr_assert_eq(rc, EALREADY);
+			cr_assert_eq(err, ETIMEDOUT);
+			cr_assert_eq(cause, 77);
+		}
+		int wrong = 0;
+		for (int i = 0; i < KIDS; i++)
+			if (ctx_err(kids[i]) != err || ctx_cause(kids[i]) != cause)
+				wrong++;
+		cr_assert_eq(wrong, 0, "round %d: %d of %d children do not report their parent's err %d and cause %d",
+			     k, wrong, KIDS, err, cause);
+		while (atomic_load(&s.seen_round) != k)
+			;
+		cr_assert_eq(atomic_load(&s.err), err, "round %d: a reader saw err %d on a child, then %d on its parent",
+			     k, atomic_load(&s.err), err);
+		cr_assert_eq(atomic_load(&s.cause), cause);
+		for (int i = 0; i < KIDS; i++)
+			ctx_unref(kids[i]);
+		ctx_unref(p);
+	}
+	atomic_store(&s.go, -1);
+	pthread_join(t, NULL);
+	cr_log_info("the cancel's walk outlasted the deadline in %d of %d rounds", straddled, rounds);
+}
+
 /* ------------------------------------------------------------------------ */
 /* Lazy leaves: a child with no deadline, no fd, no child and no
  * after-function is not in its parent's list; readers derive its state from
