@@ -374,7 +374,8 @@ ctx_t *ctx_with_signals(ctx_t *parent, const sigset_t *set, int cause);
  * copy of the fd, so even the sender's exit leaves the peer's context live
  * (release `ctx` with ctx_release() to end the peer's, or send a context
  * that your exit cancels).  Mirrors sendmsg(2) with MSG_NOSIGNAL: 0, or -1
- * with errno: EINVAL (ctx NULL), EBADF / ENOTSOCK, EAGAIN on a full
+ * with errno: EINVAL (ctx NULL), EBADF / ENOTSOCK, EAFNOSUPPORT (not an
+ * AF_UNIX socket: other families drop the fd silently), EAGAIN on a full
  * non-blocking socket, EPIPE, ctx_fd()'s EMFILE / ENFILE / ENOMEM. */
 int ctx_send_ctx(int sock, ctx_t *ctx);
 
@@ -398,8 +399,10 @@ int ctx_send_ctx(int sock, ctx_t *ctx);
  * errno: EINVAL (parent NULL), EBADF / ENOTSOCK, EAGAIN (non-blocking socket,
  * nothing to read), ECONNRESET (end of stream, or an empty message),
  * EBADMSG (not a ctx_send_ctx() message: wrong size, magic or version,
- * inconsistent fields, a missing or extra fd, truncated control data), and
- * the errors of ctx_with_fd().  EINTR is retried. */
+ * inconsistent fields, a missing or extra fd, truncated control data),
+ * EMFILE also when no fd was free for the received one (the message
+ * is then consumed and lost), and the errors of ctx_with_fd().  EINTR is
+ * retried.  A pidfd that SO_PASSPIDFD brings with the message is closed. */
 ctx_t *ctx_recv_ctx(int sock, ctx_t *parent);
 
 #ifdef __cplusplus

@@ -13,9 +13,10 @@
  *
  * Only the watch thread dereferences a registered watch after epoll_wait
  * returns it, and only the watch thread frees one, and only after it has
- * handled every event of the epoll_wait batch it came in (retired watches
- * are processed after the batch's events, and EPOLL_CTL_DEL takes a watch off
- * the ready list): an event can never reach a freed record.
+ * handled every event of the epoll_wait batch it came in, and of the batches
+ * collected after a full one (retired watches are processed after those
+ * events, and EPOLL_CTL_DEL takes a watch off the ready list): an event can
+ * never reach a freed record.
  *
  * Lock: `lk` guards the thread's start, epfd/evfd, the retire queue and the
  * list of live watches (for fork).  It is never held with any other library
@@ -44,6 +45,7 @@ struct watch {
 	bool consume;          /* a signalfd: read one signal when it fires */
 	_Atomic bool fired;    /* its report has been handled (for fork) */
 	struct watch *qnext;   /* retire queue, under lk */
+	struct watch *cnext;   /* the watch thread's signals to consume */
 	struct watch *prev, *next; /* `live`, under lk */
 };
 
@@ -101,33 +103,47 @@ static void *loop(void *unused)
 {
 	(void)unused;
 	struct epoll_event ev[64];
+	struct watch *consume = NULL; /* signal watches that ended their context */
+	bool control = false, more = false;
 	for (;;) {
 		int ep = epfd; /* set before the thread started; fixed for it */
-		int n = epoll_wait(ep, ev, 64, -1);
+		/* After a full batch, first collect what else is ready (timeout
+		 * 0): the signal is consumed only once every watch ready for it
+		 * has reported, and the kernel re-polls a signalfd before it
+		 * reports it, so a watch left for a later batch would find the
+		 * signal gone.  Watches are freed only after that, too. */
+		int n = epoll_wait(ep, ev, 64, more ? 0 : -1);
 		if (n < 0)
 			continue; /* EINTR cannot happen (all signals blocked) */
-		bool control = false;
 		for (int i = 0; i < n; i++) {
 			struct watch *w = ev[i].data.ptr;
 			if (!w) {
 				control = true;
 				continue;
 			}
-			ctx_cancel_cause(w->ctx, w->cause);
+			/* A context already done for another reason (its watch not
+			 * yet handed back) leaves the signal pending, as the
+			 * header promises. */
+			if (ctx_cancel_cause(w->ctx, w->cause) == 0 && w->consume) {
+				w->cnext = consume;
+				consume = w;
+			}
 			atomic_store_explicit(&w->fired, true, memory_order_relaxed);
 		}
-		/* Consume signals only once every watch of the batch has seen
-		 * them: two contexts on one signal both end. */
-		for (int i = 0; i < n; i++) {
-			struct watch *w = ev[i].data.ptr;
-			if (w && w->consume) {
-				struct signalfd_siginfo si;
-				ssize_t r = read(w->fd, &si, sizeof(si)); /* EAGAIN: taken */
-				(void)r;
-			}
+		more = n == 64;
+		if (more)
+			continue;
+		/* Two contexts on one signal both end; the signal is read once
+		 * per context that it ended (EAGAIN once taken). */
+		for (struct watch *w = consume; w; w = w->cnext) {
+			struct signalfd_siginfo si;
+			ssize_t r = read(w->fd, &si, sizeof(si));
+			(void)r;
 		}
+		consume = NULL;
 		if (!control)
 			continue;
+		control = false;
 		uint64_t cnt;
 		ssize_t r = read(evfd, &cnt, sizeof(cnt));
 		(void)r;
@@ -362,6 +378,16 @@ int ctx_send_ctx(int sock, ctx_t *ctx)
 		errno = EBADF;
 		return -1;
 	}
+	/* Other families accept SCM_RIGHTS and drop it without a word (the
+	 * send would succeed and the peer get a live context without its fd). */
+	int dom;
+	socklen_t dlen = sizeof(dom);
+	if (getsockopt(sock, SOL_SOCKET, SO_DOMAIN, &dom, &dlen) < 0)
+		return -1; /* EBADF, ENOTSOCK */
+	if (dom != AF_UNIX) {
+		errno = EAFNOSUPPORT;
+		return -1;
+	}
 	struct wire m = {.magic = WIRE_MAGIC, .version = WIRE_VERSION};
 	struct ctxi_cancel *a = ctxi_anchor(ctx);
 	int fd = -1;
@@ -422,6 +448,20 @@ int ctx_send_ctx(int sock, ctx_t *ctx)
  * (and closed) rather than dropped by the kernel unnoticed. */
 #define RECV_MAX_FDS 8
 
+/* Linux 6.5+: with SO_PASSPIDFD on the receiving socket, every message
+ * brings an SCM_PIDFD, a pidfd of the sender installed in this process. */
+#ifndef SCM_PIDFD
+#define SCM_PIDFD 0x04
+#endif
+
+/* The control buffer: the fds, after what the receiving socket may be set
+ * to get as well (SO_PASSCRED: SCM_CREDENTIALS; SO_PASSSEC: SCM_SECURITY, a
+ * security label; SO_PASSPIDFD: SCM_PIDFD), so that those never crowd the
+ * fds out (MSG_CTRUNC). */
+#define RECV_CONTROL                                                                      \
+	(CMSG_SPACE(sizeof(struct ucred)) + CMSG_SPACE(512) + CMSG_SPACE(sizeof(int)) + \
+	 CMSG_SPACE(RECV_MAX_FDS * sizeof(int)))
+
 static bool valid(const struct wire *m, ssize_t n, int nfds)
 {
 	if (n != (ssize_t)sizeof(*m) || m->magic != WIRE_MAGIC || m->version != WIRE_VERSION ||
@@ -451,7 +491,7 @@ ctx_t *ctx_recv_ctx(int sock, ctx_t *parent)
 	struct wire m = {0};
 	struct iovec iov = {.iov_base = &m, .iov_len = sizeof(m)};
 	union {
-		char buf[CMSG_SPACE(RECV_MAX_FDS * sizeof(int))];
+		char buf[RECV_CONTROL];
 		struct cmsghdr align;
 	} cb;
 	struct msghdr msg = {.msg_iov = &iov,
@@ -468,6 +508,14 @@ ctx_t *ctx_recv_ctx(int sock, ctx_t *parent)
 	int fds[RECV_MAX_FDS * 2], nfds = 0;
 	bool bad = (msg.msg_flags & (MSG_CTRUNC | MSG_TRUNC)) != 0;
 	for (struct cmsghdr *h = CMSG_FIRSTHDR(&msg); h; h = CMSG_NXTHDR(&msg, h)) {
+		if (h->cmsg_level == SOL_SOCKET && h->cmsg_type == SCM_PIDFD &&
+		    h->cmsg_len >= CMSG_LEN(sizeof(int))) {
+			int pfd; /* received, never kept */
+			memcpy(&pfd, CMSG_DATA(h), sizeof(int));
+			if (pfd >= 0)
+				close(pfd);
+			continue;
+		}
 		if (h->cmsg_level != SOL_SOCKET || h->cmsg_type != SCM_RIGHTS)
 			continue; /* e.g. SCM_CREDENTIALS under SO_PASSCRED */
 		size_t k = (h->cmsg_len - CMSG_LEN(0)) / sizeof(int);
@@ -487,7 +535,13 @@ ctx_t *ctx_recv_ctx(int sock, ctx_t *parent)
 	if (bad || !valid(&m, n, nfds)) {
 		for (int i = 0; i < nfds; i++)
 			close(fds[i]);
-		errno = EBADMSG;
+		/* A live context's message whose one fd the kernel could not
+		 * install although the buffer had room for it: this process is
+		 * out of fds (the message is lost). */
+		bool nofd = (msg.msg_flags & (MSG_CTRUNC | MSG_TRUNC)) == MSG_CTRUNC && nfds == 0 &&
+			    sizeof(cb.buf) - msg.msg_controllen >= CMSG_SPACE(sizeof(int)) &&
+			    valid(&m, n, 1);
+		errno = nofd ? EMFILE : EBADMSG;
 		return NULL;
 	}
 

@@ -3,11 +3,13 @@
 #include <criterion/criterion.h>
 #include <dirent.h>
 #include <pthread.h>
+#include <sched.h>
 #include <signal.h>
 #include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <netinet/in.h>
 #include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/syscall.h>
@@ -1262,4 +1264,210 @@ Test(with_fd, a_forked_child_runs_the_after_functions_its_inherited_watch_fires)
 	ctx_release(c);
 	close(p[0]);
 	close(p[1]);
+}
+
+/* ---- helper bug hunt (xproc): reproducers ---- */
+
+#ifndef SO_PASSPIDFD
+#define SO_PASSPIDFD 76
+#endif
+#ifndef SCM_PIDFD
+#define SCM_PIDFD 0x04
+#endif
+
+/*
+ * A receiving socket with SO_PASSCRED gets an SCM_CREDENTIALS message before
+ * the fds; with SO_PASSPIDFD (Linux 6.5+) an SCM_PIDFD, which installs a
+ * pidfd of the sender in the receiver.  Both are ordinary settings of a
+ * server that authenticates its peer: a live context must still be received,
+ * and the pidfd, an fd the call receives and does not keep, closed.
+ */
+static void recv_with_option(int type, int opt)
+{
+	int sv[2];
+	pair(type, sv);
+	int one = 1;
+	if (setsockopt(sv[1], SOL_SOCKET, opt, &one, sizeof(one)) != 0) {
+		cr_assert_eq(errno, ENOPROTOOPT, "setsockopt errno %d", errno);
+		close(sv[0]);
+		close(sv[1]);
+		return; /* an older kernel */
+	}
+	ctx_t *c = ctx_with_cancel(ctx_background());
+	cr_assert_geq(ctx_fd(c), 0);
+	ctx_t *done = ctx_with_cancel(ctx_background());
+	ctx_cancel_cause(done, EIO);
+	int before = open_fd_count();
+	cr_assert_eq(ctx_send_ctx(sv[0], c), 0);
+	errno = 0;
+	ctx_t *r = ctx_recv_ctx(sv[1], ctx_background());
+	cr_assert_not_null(r, "type %d, option %d: live context refused, errno %d", type, opt, errno);
+	cr_assert_eq(ctx_cancel_cause(c, EIO), 0);
+	cr_assert(readable_within(ctx_fd(r), 5000));
+	ctx_release(r);
+	cr_assert_eq(ctx_send_ctx(sv[0], done), 0);
+	r = ctx_recv_ctx(sv[1], ctx_background());
+	cr_assert_not_null(r, "type %d, option %d: done context refused, errno %d", type, opt, errno);
+	cr_assert_eq(ctx_cause(r), EIO);
+	ctx_release(r);
+	cr_assert(settles_within(before, 5000), /* r's fd and the watch's are closed */
+		  "type %d, option %d: %d fds open, %d before", type, opt, open_fd_count(), before);
+	ctx_release(c);
+	ctx_release(done);
+	close(sv[0]);
+	close(sv[1]);
+}
+
+static const int sock_types[] = {SOCK_SEQPACKET, SOCK_STREAM, SOCK_DGRAM};
+
+Test(send, a_receiver_with_so_passcred_gets_a_live_context)
+{
+	warm_up();
+	for (size_t i = 0; i < sizeof(sock_types) / sizeof(sock_types[0]); i++)
+		recv_with_option(sock_types[i], SO_PASSCRED);
+}
+
+Test(send, a_receiver_with_so_passpidfd_closes_the_pidfd_it_gets)
+{
+	warm_up();
+	for (size_t i = 0; i < sizeof(sock_types) / sizeof(sock_types[0]); i++)
+		recv_with_option(sock_types[i], SO_PASSPIDFD);
+}
+
+/*
+ * The header: "a signal that arrives after the context is done for another
+ * reason stays pending".  A cancelled signal context's watch stays armed
+ * until its hand-back (an after-function) reaches the watch thread; a signal
+ * in that window must not be consumed.  An after-function that holds the
+ * after thread keeps the window open.
+ */
+static _Atomic int blocker;
+
+static void hold_after_thread(void *unused)
+{
+	(void)unused;
+	atomic_store(&blocker, 1);
+	struct timespec t = {.tv_nsec = 300 * CTX_MSEC};
+	nanosleep(&t, NULL);
+	atomic_store(&blocker, 2);
+}
+
+Test(signals, a_signal_after_a_cancel_stays_pending_before_the_watch_is_handed_back)
+{
+	sigset_t set = block_usr1();
+	warm_up();
+	ctx_t *x = ctx_with_cancel(ctx_background());
+	cr_assert_eq(ctx_after_func(x, hold_after_thread, NULL, NULL), 0);
+	ctx_cancel(x);
+	int64_t end = now_ns() + 5 * CTX_SEC;
+	while (atomic_load(&blocker) != 1 && now_ns() < end)
+		sched_yield();
+	cr_assert_eq(atomic_load(&blocker), 1);
+	int before = open_fd_count();
+	ctx_t *c = ctx_with_signals(ctx_background(), &set, 0);
+	cr_assert_not_null(c);
+	ctx_release(c); /* done: ECANCELED; its hand-back waits behind the blocker */
+	cr_assert_eq(kill(getpid(), SIGUSR1), 0);
+	end = now_ns() + 5 * CTX_SEC;
+	while (atomic_load(&blocker) != 2 && now_ns() < end) {
+		struct timespec ms = {.tv_nsec = CTX_MSEC};
+		nanosleep(&ms, NULL);
+	}
+	cr_assert(settles_within(before, 5000)); /* the signalfd is gone */
+	cr_assert(usr1_pending(), "the signal was consumed by a context already done");
+	struct timespec zero = {0};
+	cr_assert_eq(sigtimedwait(&set, NULL, &zero), SIGUSR1);
+	ctx_release(x);
+}
+
+/*
+ * Out of fds, the kernel cannot install the received fd and sets MSG_CTRUNC:
+ * the call must say EMFILE (SPEC §3: out of fds -> EMFILE; the header lists
+ * ctx_with_fd()'s errors), not EBADMSG, which tells the caller the peer sent
+ * garbage.
+ */
+Test(send, out_of_fds_a_live_context_fails_with_emfile)
+{
+	warm_up();
+	int sv[2];
+	pair(SOCK_SEQPACKET, sv);
+	ctx_t *c = ctx_with_cancel(ctx_background());
+	cr_assert_eq(ctx_send_ctx(sv[0], c), 0);
+	int before = open_fd_count();
+	struct rlimit old, low;
+	cr_assert_eq(getrlimit(RLIMIT_NOFILE, &old), 0);
+	low = old;
+	low.rlim_cur = (rlim_t)sv[1] + 8;
+	cr_assert_eq(setrlimit(RLIMIT_NOFILE, &low), 0);
+	int fill[64], n = 0;
+	while (n < 64 && (fill[n] = fcntl(sv[1], F_DUPFD_CLOEXEC, 0)) >= 0)
+		n++;
+	cr_assert_lt(n, 64);
+	errno = 0;
+	cr_assert_null(ctx_recv_ctx(sv[1], ctx_background()));
+	int e = errno;
+	while (n)
+		close(fill[--n]);
+	cr_assert_eq(setrlimit(RLIMIT_NOFILE, &old), 0);
+	cr_assert_eq(e, EMFILE, "errno %d", e);
+	cr_assert(settles_within(before, 5000));
+	ctx_release(c);
+	close(sv[0]);
+	close(sv[1]);
+}
+
+/*
+ * "Two contexts on one signal both end": the watch thread takes at most 64
+ * reports per epoll_wait and consumed the signal after each batch, so with
+ * more contexts than that on one signal, those left for the next batch
+ * found it gone (the kernel re-polls a signalfd before reporting it) and
+ * never ended.
+ */
+Test(signals, one_signal_ends_every_context_waiting_for_it_even_past_a_batch)
+{
+	sigset_t set = block_usr1();
+	enum { N = 150 };
+	ctx_t *c[N];
+	for (int i = 0; i < N; i++) {
+		c[i] = ctx_with_signals(ctx_background(), &set, 0);
+		cr_assert_not_null(c[i], "errno %d", errno);
+	}
+	cr_assert_eq(kill(getpid(), SIGUSR1), 0);
+	int live = 0;
+	int64_t end = now_ns() + 3 * CTX_SEC;
+	for (int i = 0; i < N; i++) {
+		int64_t left = (end - now_ns()) / CTX_MSEC;
+		live += !readable_within(ctx_fd(c[i]), left > 0 ? (int)left : 0);
+	}
+	cr_assert_eq(live, 0, "%d of %d contexts never saw the signal", live, N);
+	cr_assert(usr1_consumed_within(5000));
+	for (int i = 0; i < N; i++)
+		ctx_release(c[i]);
+}
+
+/*
+ * Other socket families take an SCM_RIGHTS control message and drop it
+ * silently (the kernel's sock_cmsg_send ignores it): ctx_send_ctx reported
+ * success and the peer got a live context's message without its fd.  A UDP
+ * socket connected to itself shows it.
+ */
+Test(send, a_socket_not_af_unix_is_refused_with_eafnosupport)
+{
+	int s = socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+	cr_assert_geq(s, 0);
+	struct sockaddr_in a = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+	socklen_t alen = sizeof(a);
+	cr_assert_eq(bind(s, (struct sockaddr *)&a, sizeof(a)), 0);
+	cr_assert_eq(getsockname(s, (struct sockaddr *)&a, &alen), 0);
+	cr_assert_eq(connect(s, (struct sockaddr *)&a, sizeof(a)), 0);
+	ctx_t *c = ctx_with_cancel(ctx_background());
+	errno = 0;
+	int r = ctx_send_ctx(s, c);
+	int e = errno;
+	char buf[64];
+	ssize_t n = recv(s, buf, sizeof(buf), MSG_DONTWAIT);
+	cr_assert_eq(r, -1, "sent (%zd bytes arrived, with no fd)", n);
+	cr_assert_eq(e, EAFNOSUPPORT, "errno %d", e);
+	ctx_release(c);
+	close(s);
 }
