@@ -41,6 +41,12 @@ static bool settles_within(int fds, int timeout_ms)
 	}
 }
 
+/* Asserts that the watches are all freed and the fd count is back to `fds`,
+ * saying what is left if not. */
+#define assert_settled(fds)                                                          \
+	cr_assert(settles_within((fds), 5000), "%d watches, %d fds (expected %d)", \
+		  ctxi_watch_count(), open_fd_count(), (fds))
+
 /* Starts the watch thread (its epoll set and eventfd stay open for good),
  * so that fd counts taken afterwards compare like with like. */
 static void warm_up(void)
@@ -266,8 +272,7 @@ Test(with_fd, cancelling_the_parent_first_removes_the_watch_and_closes_its_fd)
 		close(p[0]);
 		close(p[1]);
 	}
-	cr_assert(settles_within(before, 5000), "%d watches, %d fds (before: %d)",
-		  ctxi_watch_count(), open_fd_count(), before);
+	assert_settled(before);
 }
 
 Test(with_fd, its_own_cancel_or_deadline_frees_the_watch_and_its_fd)
@@ -288,8 +293,7 @@ Test(with_fd, its_own_cancel_or_deadline_frees_the_watch_and_its_fd)
 	ctx_release(t);
 	close(p[0]);
 	close(p[1]);
-	cr_assert(settles_within(before, 5000), "%d watches, %d fds (before: %d)",
-		  ctxi_watch_count(), open_fd_count(), before);
+	assert_settled(before);
 }
 
 Test(with_fd, a_done_parent_gives_a_child_born_done_and_nothing_leaks)
@@ -307,7 +311,7 @@ Test(with_fd, a_done_parent_gives_a_child_born_done_and_nothing_leaks)
 	ctx_release(parent);
 	close(p[0]);
 	close(p[1]);
-	cr_assert(settles_within(before, 5000));
+	assert_settled(before);
 }
 
 /* An open, unlinked regular file: an fd epoll refuses (EPERM). */
@@ -339,7 +343,7 @@ Test(with_fd, bad_arguments_fail_with_a_clear_errno_and_leak_nothing)
 	close(file);
 	close(p[0]);
 	close(p[1]);
-	cr_assert(settles_within(before, 5000));
+	assert_settled(before);
 }
 
 Test(with_fd, out_of_memory_fails_with_enomem_and_leaks_nothing)
@@ -355,7 +359,7 @@ Test(with_fd, out_of_memory_fails_with_enomem_and_leaks_nothing)
 	atomic_store(&ctxi_fail_allocs, 0);
 	close(p[0]);
 	close(p[1]);
-	cr_assert(settles_within(before, 5000));
+	assert_settled(before);
 }
 
 /*
@@ -383,7 +387,7 @@ Test(with_fd, enomem_after_the_fd_is_armed_undoes_the_watch_and_leaves_the_calle
 	atomic_store(&ctxi_fail_allocs, 0);
 	cr_assert_eq(atomic_load(&ctxi_skip_allocs), 0, "fewer than three allocations");
 	ctx_release(c);
-	cr_assert(settles_within(before, 5000));
+	assert_settled(before);
 
 	atomic_store(&ctxi_skip_allocs, 2);
 	atomic_store(&ctxi_fail_allocs, 1);
@@ -393,8 +397,7 @@ Test(with_fd, enomem_after_the_fd_is_armed_undoes_the_watch_and_leaves_the_calle
 	cr_assert_eq(atomic_load(&ctxi_fail_allocs), 0, "the fault was not reached");
 	/* The watch thread takes the duplicate out of its epoll set, closes it
 	 * and drops the context a moment later. */
-	cr_assert(settles_within(before, 5000), "%d watches, %d fds (before: %d)",
-		  ctxi_watch_count(), open_fd_count(), before);
+	assert_settled(before);
 	cr_assert_eq(epoll_entries(), entries, "the duplicate is still in the watch thread's epoll set");
 
 	/* The caller's fd is still theirs: open, the same pipe, never read. */
@@ -414,7 +417,7 @@ Test(with_fd, enomem_after_the_fd_is_armed_undoes_the_watch_and_leaves_the_calle
 	ctx_release(c);
 	close(p[0]);
 	close(p[1]);
-	cr_assert(settles_within(before - 2, 5000));
+	assert_settled(before - 2);
 	cr_assert_eq(epoll_entries(), entries);
 }
 
@@ -445,7 +448,7 @@ Test(with_fd, out_of_fds_fails_with_emfile_and_leaks_nothing)
 	while (n)
 		close(fill[--n]);
 	cr_assert_eq(setrlimit(RLIMIT_NOFILE, &old), 0);
-	cr_assert(settles_within(before, 5000));
+	assert_settled(before);
 	close(p[0]);
 	close(p[1]);
 }
@@ -519,8 +522,7 @@ Test(with_fd, readiness_racing_a_cancel_leaks_nothing_and_never_crashes)
 			close(p[1]);
 	}
 	cr_log_info("the fd won %d of %d rounds", by_fd, rounds);
-	cr_assert(settles_within(before, 5000), "%d watches, %d fds (before: %d)",
-		  ctxi_watch_count(), open_fd_count(), before);
+	assert_settled(before);
 }
 
 static int cmp_i64(const void *a, const void *b)
@@ -625,7 +627,7 @@ Test(signals, a_signal_after_the_context_is_done_stays_pending)
 	ctx_t *c = ctx_with_signals(ctx_background(), &set, 0);
 	cr_assert_not_null(c);
 	ctx_release(c);
-	cr_assert(settles_within(before, 5000)); /* the signalfd is closed */
+	assert_settled(before); /* the signalfd is closed */
 	cr_assert_eq(kill(getpid(), SIGUSR1), 0);
 	cr_assert(usr1_pending());
 	struct timespec zero = {0};
@@ -916,7 +918,7 @@ Test(send, received_and_watched_fds_are_close_on_exec_and_freed_with_the_child)
 	cr_assert_eq(n, 2, "the received fd and the child's own, got %d", n);
 	cr_assert_eq(bad, 0);
 	ctx_release(r);
-	cr_assert(settles_within(before, 5000));
+	assert_settled(before);
 	cr_assert_eq(ctx_err(c), 0);
 	ctx_release(c);
 	close(sv[0]);
@@ -1373,7 +1375,7 @@ Test(signals, a_signal_after_a_cancel_stays_pending_before_the_watch_is_handed_b
 		struct timespec ms = {.tv_nsec = CTX_MSEC};
 		nanosleep(&ms, NULL);
 	}
-	cr_assert(settles_within(before, 5000)); /* the signalfd is gone */
+	assert_settled(before); /* the signalfd is gone */
 	cr_assert(usr1_pending(), "the signal was consumed by a context already done");
 	struct timespec zero = {0};
 	cr_assert_eq(sigtimedwait(&set, NULL, &zero), SIGUSR1);
@@ -1410,7 +1412,7 @@ Test(send, out_of_fds_a_live_context_fails_with_emfile)
 		close(fill[--n]);
 	cr_assert_eq(setrlimit(RLIMIT_NOFILE, &old), 0);
 	cr_assert_eq(e, EMFILE, "errno %d", e);
-	cr_assert(settles_within(before, 5000));
+	assert_settled(before);
 	ctx_release(c);
 	close(sv[0]);
 	close(sv[1]);
