@@ -162,9 +162,12 @@ check-install: all
 	PKG_CONFIG_SYSROOT_DIR=$$d PKG_CONFIG_PATH=$$d/opt/ctx/lib/pkgconfig \
 		$(CC) $$d/prog.c $$(PKG_CONFIG_SYSROOT_DIR=$$d PKG_CONFIG_PATH=$$d/opt/ctx/lib/pkgconfig pkg-config --cflags --libs ctx) -o $$d/prog; \
 	LD_LIBRARY_PATH=$$d/opt/ctx/lib $$d/prog; \
+	printf '#include <ctx_uring.h>\nint main(void){struct io_uring r;if(io_uring_queue_init(8,&r,0))return 0;ctx_uring_t *cu=ctx_uring_new(&r);int ok=cu!=NULL;io_uring_queue_exit(&r);ctx_uring_free(cu);return !ok;}\n' > $$d/uprog.c; \
+	$(CC) $$d/uprog.c $$(PKG_CONFIG_SYSROOT_DIR=$$d PKG_CONFIG_PATH=$$d/opt/ctx/lib/pkgconfig pkg-config --cflags --libs ctx) -o $$d/uprog; \
+	LD_LIBRARY_PATH=$$d/opt/ctx/lib $$d/uprog; \
 	$(MAKE) --no-print-directory -s uninstall DESTDIR=$$d PREFIX=/opt/ctx; \
 	left=$$(find $$d/opt -type f); [ -z "$$left" ] || { echo "check-install: left behind: $$left"; exit 1; }; \
-	echo "check-install: install, pkg-config build, run, uninstall ok"
+	echo "check-install: install, pkg-config builds (ctx.h, ctx_uring.h), run, uninstall ok"
 
 # ---------------------------------------------------------------------------
 # Install

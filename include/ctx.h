@@ -207,8 +207,10 @@ typedef struct ctx_after ctx_after_t;
  * never under a library lock, so it may call any ctx function.  The
  * registration holds its own reference to `ctx` until fn has run or the
  * registration is stopped.  The library thread starts on the first
- * registration, so a program that never registers one has no library
- * thread; after fork() the child starts its own on demand.
+ * registration on a context that can be done, so a program that never
+ * registers one (nor makes a ctx_with_fd(), ctx_with_signals() or
+ * ctx_recv_ctx() context, which register one) has no library thread; after
+ * fork() the child starts its own on demand.
  * With `stop` NULL the registration is fire-and-forget; otherwise *stop
  * receives a handle that must be passed exactly once to ctx_after_stop() or
  * ctx_after_stop_wait().  On a context that can never be done it returns 0
@@ -219,14 +221,16 @@ int ctx_after_func(ctx_t *ctx, void (*fn)(void *), void *arg, ctx_after_t **stop
 /* Stops a registration and frees the handle.  Returns true if this call
  * prevented fn from running; false if it could not (fn is queued to run, is
  * running, or has finished).  It does not wait for a running fn: see
- * ctx_after_stop_wait().  May be called from inside fn itself. */
+ * ctx_after_stop_wait().  May be called from inside fn itself.  NULL
+ * returns false with errno EINVAL. */
 bool ctx_after_stop(ctx_after_t *stop);
 
 /* As ctx_after_stop(), but if fn is queued or running on the library
  * thread, waits until it has returned, so that the caller may free what fn
  * uses.  Called from inside any after-function it does not wait (all of
  * them run on the one library thread, so the wait would never end): there,
- * a false result means fn may still be about to run. */
+ * a false result means fn may still be about to run.  NULL returns false
+ * with errno EINVAL. */
 bool ctx_after_stop_wait(ctx_after_t *stop);
 
 /* ------------------------------------------------------------------------ */
@@ -246,8 +250,9 @@ bool ctx_after_stop_wait(ctx_after_t *stop);
  * Blocking fds: the library tries the call without blocking first
  * (MSG_DONTWAIT for sockets, RWF_NOWAIT for read/write on pipes, sockets
  * and eventfds), and otherwise waits for readiness in poll, next to the
- * context's fd, before making the call.  Two cases can still block in the
- * kernel where the context cannot reach them: (1) a blocking fd shared with
+ * context's fd, before making the call (ctx_accept() always polls first).
+ * Two cases can still block in the kernel where the context cannot reach
+ * them: (1) a blocking fd shared with
  * other threads, when another thread consumes the readiness between the
  * poll and the call (accept, or read on a pty or named FIFO); (2) a write on
  * a blocking pty or named FIFO larger than the free space (no RWF_NOWAIT
@@ -259,6 +264,8 @@ bool ctx_after_stop_wait(ctx_after_t *stop);
  * they have to wait: one that can proceed at once succeeds; one that must
  * wait fails with the ctx_fd() errno (EMFILE, ENFILE, ENOMEM), unless its
  * context can never be done (it then waits on the caller's fds alone).
+ * Exception: ctx_connect() creates the context's fd before it connects, so
+ * out of fds it fails with that errno at once, whatever the context.
  *
  * A context fd shared with another process (inherited across fork()) can be
  * made readable there while this process's context is not done; these calls
@@ -303,7 +310,10 @@ int ctx_accept(ctx_t *ctx, int fd, struct sockaddr *addr, socklen_t *addrlen, in
  * flag lives on the open file, so dup()ed copies see it meanwhile.  An
  * AF_UNIX listener with a full backlog is retried until it has room or the
  * context is done.  After a cancelled connect the socket is in an
- * unspecified state: close it. */
+ * unspecified state: close it.  The context's fd is created first (before
+ * the connect starts), so when it cannot be created the call fails with
+ * ctx_fd()'s errno (EMFILE, ENFILE, ENOMEM) and the socket is untouched,
+ * even for a context that can never be done. */
 int ctx_connect(ctx_t *ctx, int fd, const struct sockaddr *addr, socklen_t addrlen);
 
 /* ------------------------------------------------------------------------ */
@@ -339,7 +349,8 @@ int ctx_connect(ctx_t *ctx, int fd, const struct sockaddr *addr, socklen_t addrl
  * go unseen: make sure it stays readable, as pidfds and closed pipes do).
  * Returns a new reference, or NULL with errno: EINVAL (parent NULL), EBADF
  * (fd not open), EPERM (fd cannot be polled: a regular file, a directory),
- * EMFILE / ENFILE, ENOMEM, EAGAIN (the watch thread could not start). */
+ * EMFILE / ENFILE, ENOMEM, ENOSPC (epoll's max_user_watches reached),
+ * EAGAIN (a library thread could not start). */
 ctx_t *ctx_with_fd(ctx_t *parent, int fd, int cause);
 
 /* Go's signal.NotifyContext: a cancellable child of `parent` that is
@@ -376,7 +387,9 @@ ctx_t *ctx_with_signals(ctx_t *parent, const sigset_t *set, int cause);
  * that your exit cancels).  Mirrors sendmsg(2) with MSG_NOSIGNAL: 0, or -1
  * with errno: EINVAL (ctx NULL), EBADF / ENOTSOCK, EAFNOSUPPORT (not an
  * AF_UNIX socket: other families drop the fd silently), EAGAIN on a full
- * non-blocking socket, EPIPE, ctx_fd()'s EMFILE / ENFILE / ENOMEM. */
+ * non-blocking socket, EPIPE, EMSGSIZE (a stream socket took only part of
+ * the message: the peer's ctx_recv_ctx() then fails with EBADMSG),
+ * ctx_fd()'s EMFILE / ENFILE / ENOMEM, and sendmsg(2)'s other errors. */
 int ctx_send_ctx(int sock, ctx_t *ctx);
 
 /* Receives one message sent by ctx_send_ctx() from `sock` and returns a new

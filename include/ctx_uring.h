@@ -103,8 +103,9 @@ ctx_uring_t *ctx_uring_new(struct io_uring *ring);
  * operation has completed keeps the library's poll on its fd (and the fd
  * open in the kernel) until two later ctx_uring_submit() calls have asked
  * the kernel to remove it and its CQE has been passed to ctx_uring_cqe(),
- * or until the ring exits: io_uring_queue_exit() first is the simple order.  CQEs with the library's tags that arrive after this
- * call must not be passed to any ctx_uring_* function.  NULL is ignored. */
+ * or until the ring exits: io_uring_queue_exit() first is the simple
+ * order.  CQEs with the library's tags that arrive after this call must not
+ * be passed to any ctx_uring_* function.  NULL is ignored. */
 void ctx_uring_free(ctx_uring_t *cu);
 
 /*
@@ -130,9 +131,10 @@ void ctx_uring_free(ctx_uring_t *cu);
  * Returns 0; EINVAL (an argument NULL, or sqe->flags has IOSQE_IO_LINK,
  * IOSQE_IO_HARDLINK or IOSQE_CQE_SKIP_SUCCESS, which would hide the
  * completion the library tracks, or IOSQE_IO_DRAIN, which would hold back
- * the library's cancels: no SQE on the ring may carry it); EBUSY when the submission queue lacks
- * room (submit, reap, and try again); ENOMEM; or ctx_fd()'s errno (EMFILE,
- * ENFILE) when the context's fd cannot be created.
+ * the library's cancels: no SQE on the ring may carry it); EBUSY when the
+ * submission queue lacks room (submit, reap, and try again); ENOMEM; or
+ * ctx_fd()'s errno (EMFILE, ENFILE) when the context's fd cannot be
+ * created.
  */
 int ctx_uring_queue(ctx_uring_t *cu, ctx_t *ctx, const struct io_uring_sqe *sqe);
 
