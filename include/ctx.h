@@ -252,9 +252,9 @@ bool ctx_after_stop_wait(ctx_after_t *stop);
  * and eventfds), and otherwise waits for readiness in poll, next to the
  * context's fd, before making the call (ctx_accept() always polls first).
  * Two cases can still block in the kernel where the context cannot reach
- * them: (1) a blocking fd shared with
- * other threads, when another thread consumes the readiness between the
- * poll and the call (accept, or read on a pty or named FIFO); (2) a write on
+ * them: (1) a blocking fd shared with other threads, when another thread
+ * consumes the readiness between the poll and the call (accept, or read on
+ * a pty or named FIFO); (2) a write on
  * a blocking pty or named FIFO larger than the free space (no RWF_NOWAIT
  * there).  Use non-blocking fds in those cases.  Regular files and block
  * devices get the plain call: they block only on the disk.
