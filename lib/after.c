@@ -56,6 +56,13 @@ static _Atomic(struct ctx_after *) incoming;
 static _Atomic uint32_t wake_seq; /* the thread's futex */
 static _Atomic bool idle;         /* the thread is about to sleep on wake_seq */
 static struct ctx_after **heap;
+/* The thread's current batch, oldest first: taken from `incoming` under lk,
+ * each registration unlinked from it before its fn starts, so that a fork()
+ * (which happens with lk held) finds in it exactly those not yet started,
+ * and the child hands them to its own thread (atfork_child). */
+static struct ctx_after *batch;
+/* The registration whose fn the thread is running (or about to run). */
+static struct ctx_after *current;
 static int heap_len, heap_cap, heap_reserved;
 
 static _Thread_local bool on_after_thread;
@@ -186,6 +193,7 @@ static void wake_thread(void)
 
 static void run(struct ctx_after *a)
 {
+	__atomic_store_n(&current, a, __ATOMIC_RELAXED);
 	a->fn(a->arg);
 	/* The registration holds the context until fn has run, not until the
 	 * handle is stopped.  Once fired, `parent` is read only by put(), after
@@ -195,6 +203,7 @@ static void run(struct ctx_after *a)
 	/* seq_cst, against ctx_after_stop_wait(): it counts itself in
 	 * stop_waiters, then reads `finished` under lk. */
 	atomic_store_explicit(&a->finished, true, memory_order_seq_cst);
+	__atomic_store_n(&current, NULL, __ATOMIC_RELAXED);
 	if (atomic_load_explicit(&stop_waiters, memory_order_seq_cst)) {
 		pthread_mutex_lock(&lk);
 		pthread_cond_broadcast(&finished);
@@ -203,9 +212,14 @@ static void run(struct ctx_after *a)
 	put(a); /* the registration's reference */
 }
 
-/* Runs the registrations pushed on `incoming`, oldest first. */
-static void run_incoming(struct ctx_after *list)
+/* Takes the registrations pushed on `incoming` into `batch`, oldest first,
+ * under lk (so that a fork never sees them in neither place). */
+static bool take_incoming(void)
 {
+	if (!atomic_load_explicit(&incoming, memory_order_relaxed))
+		return false;
+	pthread_mutex_lock(&lk);
+	struct ctx_after *list = atomic_exchange_explicit(&incoming, NULL, memory_order_acquire);
 	struct ctx_after *fifo = NULL;
 	while (list) { /* the stack is newest first */
 		struct ctx_after *next = list->qnext;
@@ -213,9 +227,17 @@ static void run_incoming(struct ctx_after *list)
 		fifo = list;
 		list = next;
 	}
-	while (fifo) {
-		struct ctx_after *a = fifo;
-		fifo = a->qnext;
+	__atomic_store_n(&batch, fifo, __ATOMIC_RELAXED);
+	pthread_mutex_unlock(&lk);
+	return fifo != NULL;
+}
+
+/* Runs the registrations in `batch`, oldest first. */
+static void run_incoming(void)
+{
+	struct ctx_after *a;
+	while ((a = __atomic_load_n(&batch, __ATOMIC_RELAXED))) {
+		__atomic_store_n(&batch, a->qnext, __ATOMIC_RELAXED);
 		bool in_heap = false;
 		if (a->deadline) { /* fired by a cancel before its deadline */
 			pthread_mutex_lock(&lk);
@@ -298,10 +320,8 @@ static void *loop(void *unused)
 	uint32_t seq = 0;
 	int64_t next = 0; /* the earliest deadline; 0: run them first */
 	for (;;) {
-		struct ctx_after *list =
-			atomic_exchange_explicit(&incoming, NULL, memory_order_acquire);
-		if (list) {
-			run_incoming(list);
+		if (take_incoming()) {
+			run_incoming();
 			/* A stream of cancels must not keep the thread from a
 			 * deadline that is due, or from an earlier one inserted
 			 * meanwhile (which bumps wake_seq). */
@@ -333,10 +353,13 @@ static void *loop(void *unused)
 }
 
 
-/* fork() happens with lk held, so the run queue and the heap are whole in the
- * child.  Only the forking thread exists there: forget ours and re-create
- * the lock state, so that the child starts a thread on demand (at its next
- * registration or cancel that fires one). */
+/* fork() happens with lk held, so the run queue (`incoming` and `batch`) and
+ * the heap are whole in the child.  Only the forking thread exists there:
+ * forget ours and re-create the lock state; the child starts a thread at
+ * once if it inherited queued registrations or deadlines, else on demand
+ * (at its next registration or cancel that fires one). */
+static int start_thread(void);
+
 static void atfork_prepare(void)
 {
 	pthread_mutex_lock(&lk);
@@ -356,6 +379,36 @@ static void atfork_child(void)
 	pthread_cond_init(&finished, NULL);
 	atomic_store_explicit(&started, false, memory_order_relaxed);
 	atomic_store_explicit(&idle, false, memory_order_relaxed);
+	/* The parent's thread had taken these but not started them: under
+	 * the oldest entries of `incoming`, for the child's thread. */
+	struct ctx_after *rev = NULL, *a = batch;
+	while (a) {
+		struct ctx_after *next = a->qnext;
+		a->qnext = rev;
+		rev = a;
+		a = next;
+	}
+	batch = NULL;
+	/* A fn the parent's thread was running never returns here (unless
+	 * this is that thread, forking from inside fn): ctx_after_stop_wait()
+	 * must not wait for it. */
+	if (current && !on_after_thread)
+		atomic_store_explicit(&current->finished, true, memory_order_relaxed);
+	current = NULL;
+	if (rev) {
+		struct ctx_after *top = atomic_load_explicit(&incoming, memory_order_relaxed);
+		if (!top) {
+			atomic_store_explicit(&incoming, rev, memory_order_relaxed);
+		} else {
+			while (top->qnext)
+				top = top->qnext;
+			top->qnext = rev;
+		}
+	}
+	/* Deadlines in the heap are due here too, with nobody else to watch
+	 * them; if the thread cannot start, the next registration retries. */
+	if (heap_len || atomic_load_explicit(&incoming, memory_order_relaxed))
+		start_thread();
 }
 
 static pthread_once_t once = PTHREAD_ONCE_INIT;

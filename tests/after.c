@@ -459,9 +459,7 @@ Test(after, no_library_thread_until_the_first_registration)
 
 Test(after, a_forked_child_gets_a_working_thread)
 {
-#ifdef __SANITIZE_THREAD__
-	cr_skip_test("TSan does not support threads after a multi-threaded fork");
-#endif
+	SKIP_FORK_WITH_THREADS();
 	struct probe p;
 	probe_init(&p);
 	ctx_t *c = ctx_with_cancel(ctx_background());
@@ -490,6 +488,101 @@ Test(after, a_forked_child_gets_a_working_thread)
 	}
 	cr_assert(WIFEXITED(status) && WEXITSTATUS(status) == 0, "child status %d", status);
 	ctx_unref(c);
+	probe_fini(&p);
+}
+
+/* A fork while the thread runs one fn of a batch: the registrations it had
+ * taken with it but not started are the child's to run too (as those still
+ * queued are), and ctx_after_stop_wait() on one of them returns there; so
+ * does ctx_after_stop_wait() on the one the parent's thread was running. */
+static atomic_int fork_a_started, fork_b_ran, fork_c_ran;
+static void fork_slow_fn(void *arg)
+{
+	(void)arg;
+	atomic_store(&fork_a_started, 1);
+	struct timespec ts = {0, 300 * 1000 * 1000};
+	nanosleep(&ts, NULL);
+}
+static void fork_b_fn(void *arg) { (void)arg; atomic_store(&fork_b_ran, 1); }
+static void fork_c_fn(void *arg) { (void)arg; atomic_store(&fork_c_ran, 1); }
+
+Test(after, a_fork_during_a_batch_loses_none_of_it_in_the_child)
+{
+	SKIP_FORK_WITH_THREADS();
+	ctx_t *c = ctx_with_cancel(ctx_background());
+	ctx_after_t *ha, *hb;
+	cr_assert_eq(ctx_after_func(c, fork_slow_fn, NULL, &ha), 0);
+	cr_assert_eq(ctx_after_func(c, fork_b_fn, NULL, &hb), 0);
+	ctx_cancel(c); /* one batch: the slow fn, then b */
+	while (!atomic_load(&fork_a_started))
+		sched_yield();
+	cr_assert_eq(atomic_load(&fork_b_ran), 0);
+	pid_t pid = fork();
+	cr_assert_geq(pid, 0);
+	if (pid == 0) {
+		alarm(5); /* a lost b: stop_wait would never return */
+		if (ctx_after_func(c, fork_c_fn, NULL, NULL) != 0) /* starts a thread */
+			_exit(2);
+		for (int i = 0; i < 500 && !atomic_load(&fork_c_ran); i++)
+			usleep(10000);
+		if (!atomic_load(&fork_c_ran))
+			_exit(3);
+		if (ctx_after_stop_wait(hb))
+			_exit(4);
+		if (!atomic_load(&fork_b_ran))
+			_exit(1);
+		/* The parent's thread was inside the slow fn: nothing here
+		 * will ever run the rest of it, so there is nothing to wait
+		 * for. */
+		_exit(ctx_after_stop_wait(ha) ? 5 : 0);
+	}
+	int status = -1;
+	for (int i = 0; i < 1000; i++) { /* bounded: ~10 s */
+		if (waitpid(pid, &status, WNOHANG) == pid)
+			break;
+		struct timespec ts = {0, 10 * 1000 * 1000};
+		nanosleep(&ts, NULL);
+	}
+	cr_assert(WIFEXITED(status) && WEXITSTATUS(status) == 0, "child status %d", status);
+	cr_assert(!ctx_after_stop_wait(ha));
+	cr_assert(!ctx_after_stop_wait(hb));
+	cr_assert_eq(atomic_load(&fork_b_ran), 1);
+	ctx_unref(c);
+}
+
+/* A registration inherited across fork() fires at its deadline in the child
+ * too, though the child registers nothing after the fork. */
+static atomic_int inherited_ran;
+static void inherited_fn(void *arg) { (void)arg; atomic_store(&inherited_ran, 1); }
+
+Test(after, a_forked_child_fires_an_inherited_deadline)
+{
+	SKIP_FORK_WITH_THREADS();
+	struct probe p;
+	probe_init(&p);
+	ctx_t *w = ctx_with_cancel(ctx_background());
+	cr_assert_eq(ctx_after_func(w, probe_fn, &p, NULL), 0);
+	ctx_cancel(w);
+	cr_assert(probe_ran(&p, 5000)); /* the parent's thread exists now */
+	ctx_t *c = ctx_with_timeout(ctx_background(), 100 * CTX_MSEC);
+	cr_assert_eq(ctx_after_func(c, inherited_fn, NULL, NULL), 0);
+	pid_t pid = fork();
+	cr_assert_geq(pid, 0);
+	if (pid == 0) {
+		for (int i = 0; i < 300 && !atomic_load(&inherited_ran); i++)
+			usleep(10000);
+		_exit(atomic_load(&inherited_ran) ? 0 : 1);
+	}
+	int status = -1;
+	for (int i = 0; i < 1000; i++) { /* bounded: ~10 s */
+		if (waitpid(pid, &status, WNOHANG) == pid)
+			break;
+		struct timespec ts = {0, 10 * 1000 * 1000};
+		nanosleep(&ts, NULL);
+	}
+	cr_assert(WIFEXITED(status) && WEXITSTATUS(status) == 0, "child status %d", status);
+	ctx_unref(c);
+	ctx_unref(w);
 	probe_fini(&p);
 }
 

@@ -112,25 +112,6 @@ static int waitpid_within(pid_t pid, int timeout_ms)
 	return -1;
 }
 
-/*
- * For the tests that fork() a process already running library threads (the
- * watch thread, the after thread) and whose child then starts threads of its
- * own (its watch thread, from the library's fork handler or on demand).  The
- * sanitizers' runtimes do not support that, so those tests run in the plain
- * build only:
- *   - TSan does not support threads started after a multi-threaded fork.
- *   - gcc 12's ASan does not hold its allocator lock across fork(): a thread
- *     the child starts can block forever on a lock another parent thread held
- *     at the fork (seen 5 runs in 30).  glibc's malloc is fork-safe.
- */
-#if defined(__SANITIZE_THREAD__)
-#define SKIP_FORK_WITH_THREADS() \
-	cr_skip_test("TSan does not support threads after a multi-threaded fork")
-#elif defined(__SANITIZE_ADDRESS__)
-#define SKIP_FORK_WITH_THREADS() cr_skip_test("ASan's allocator is not fork-safe with threads")
-#else
-#define SKIP_FORK_WITH_THREADS() ((void)0)
-#endif
 
 /* Number of fds registered in this process's epoll sets: the "tfd:" lines of
  * /proc/self/fdinfo, one per registered fd (-1 if /proc cannot be read). */
