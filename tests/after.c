@@ -457,15 +457,23 @@ Test(after, no_library_thread_until_the_first_registration)
 	probe_fini(&p);
 }
 
-Test(after, a_forked_child_gets_a_working_thread)
+/* Runs one after-function, so that the library thread exists before a fork. */
+static void start_the_after_thread(void)
 {
-	SKIP_FORK_WITH_THREADS();
 	struct probe p;
 	probe_init(&p);
 	ctx_t *c = ctx_with_cancel(ctx_background());
 	cr_assert_eq(ctx_after_func(c, probe_fn, &p, NULL), 0);
 	ctx_cancel(c);
-	cr_assert(probe_ran(&p, 5000)); /* the parent's thread exists now */
+	cr_assert(probe_ran(&p, 5000));
+	ctx_unref(c);
+	probe_fini(&p);
+}
+
+Test(after, a_forked_child_gets_a_working_thread)
+{
+	SKIP_FORK_WITH_THREADS();
+	start_the_after_thread();
 	pid_t pid = fork();
 	cr_assert_geq(pid, 0);
 	if (pid == 0) {
@@ -479,16 +487,8 @@ Test(after, a_forked_child_gets_a_working_thread)
 			_exit(2);
 		_exit(readable_within(q.efd, 5000) ? 0 : 1);
 	}
-	int status = -1;
-	for (int i = 0; i < 1000; i++) { /* bounded: ~10 s */
-		if (waitpid(pid, &status, WNOHANG) == pid)
-			break;
-		struct timespec ts = {0, 10 * 1000 * 1000};
-		nanosleep(&ts, NULL);
-	}
+	int status = waitpid_within(pid, 10000);
 	cr_assert(WIFEXITED(status) && WEXITSTATUS(status) == 0, "child status %d", status);
-	ctx_unref(c);
-	probe_fini(&p);
 }
 
 /* A fork while the thread runs one fn of a batch: the registrations it had
@@ -536,13 +536,7 @@ Test(after, a_fork_during_a_batch_loses_none_of_it_in_the_child)
 		 * for. */
 		_exit(ctx_after_stop_wait(ha) ? 5 : 0);
 	}
-	int status = -1;
-	for (int i = 0; i < 1000; i++) { /* bounded: ~10 s */
-		if (waitpid(pid, &status, WNOHANG) == pid)
-			break;
-		struct timespec ts = {0, 10 * 1000 * 1000};
-		nanosleep(&ts, NULL);
-	}
+	int status = waitpid_within(pid, 10000);
 	cr_assert(WIFEXITED(status) && WEXITSTATUS(status) == 0, "child status %d", status);
 	cr_assert(!ctx_after_stop_wait(ha));
 	cr_assert(!ctx_after_stop_wait(hb));
@@ -558,12 +552,7 @@ static void inherited_fn(void *arg) { (void)arg; atomic_store(&inherited_ran, 1)
 Test(after, a_forked_child_fires_an_inherited_deadline)
 {
 	SKIP_FORK_WITH_THREADS();
-	struct probe p;
-	probe_init(&p);
-	ctx_t *w = ctx_with_cancel(ctx_background());
-	cr_assert_eq(ctx_after_func(w, probe_fn, &p, NULL), 0);
-	ctx_cancel(w);
-	cr_assert(probe_ran(&p, 5000)); /* the parent's thread exists now */
+	start_the_after_thread();
 	ctx_t *c = ctx_with_timeout(ctx_background(), 100 * CTX_MSEC);
 	cr_assert_eq(ctx_after_func(c, inherited_fn, NULL, NULL), 0);
 	pid_t pid = fork();
@@ -573,17 +562,9 @@ Test(after, a_forked_child_fires_an_inherited_deadline)
 			usleep(10000);
 		_exit(atomic_load(&inherited_ran) ? 0 : 1);
 	}
-	int status = -1;
-	for (int i = 0; i < 1000; i++) { /* bounded: ~10 s */
-		if (waitpid(pid, &status, WNOHANG) == pid)
-			break;
-		struct timespec ts = {0, 10 * 1000 * 1000};
-		nanosleep(&ts, NULL);
-	}
+	int status = waitpid_within(pid, 10000);
 	cr_assert(WIFEXITED(status) && WEXITSTATUS(status) == 0, "child status %d", status);
 	ctx_unref(c);
-	ctx_unref(w);
-	probe_fini(&p);
 }
 
 /* Threads register and stop while another cancels the shared parent: every

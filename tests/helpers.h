@@ -60,7 +60,9 @@ static inline int open_fd_count(void)
 #include <pthread.h>
 #include <stdio.h>
 #include <string.h>
+#include <signal.h>
 #include <sys/types.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 /* An fd on thread `tid`'s /proc stat file, for thread_blocked_within();
@@ -111,6 +113,22 @@ static inline bool joined_within(pthread_t t, int timeout_ms)
 	at.tv_sec += timeout_ms / 1000 + ns / CTX_SEC;
 	at.tv_nsec = ns % CTX_SEC;
 	return pthread_timedjoin_np(t, NULL, &at) == 0;
+}
+
+/* The status of child `pid` once it exits, or -1 (and the child killed)
+ * after timeout_ms. */
+static int waitpid_within(pid_t pid, int timeout_ms)
+{
+	int status = -1;
+	for (int i = 0; i < timeout_ms; i++) {
+		if (waitpid(pid, &status, WNOHANG) == pid)
+			return status;
+		struct timespec ms = {.tv_nsec = CTX_MSEC};
+		nanosleep(&ms, NULL);
+	}
+	kill(pid, SIGKILL);
+	waitpid(pid, &status, 0);
+	return -1;
 }
 
 /*

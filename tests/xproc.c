@@ -98,20 +98,6 @@ static int fds_opened_since(const struct fdset *s, int *not_cloexec)
 	return n;
 }
 
-static int waitpid_within(pid_t pid, int timeout_ms)
-{
-	int status = -1;
-	for (int i = 0; i < timeout_ms; i++) {
-		if (waitpid(pid, &status, WNOHANG) == pid)
-			return status;
-		struct timespec ms = {.tv_nsec = CTX_MSEC};
-		nanosleep(&ms, NULL);
-	}
-	kill(pid, SIGKILL);
-	waitpid(pid, &status, 0);
-	return -1;
-}
-
 
 /* Number of fds registered in this process's epoll sets: the "tfd:" lines of
  * /proc/self/fdinfo, one per registered fd (-1 if /proc cannot be read). */
@@ -643,6 +629,29 @@ static bool usr1_consumed_within(int timeout_ms)
 	return !usr1_pending();
 }
 
+/* In a forked child: s (live, no fd yet) ends by SIGUSR1 with `cause`, its
+ * fd becomes readable and the signal is consumed.  0, or the exit code
+ * telling which step failed (6: no watch thread in the child saw it). */
+static int child_signal_ends(ctx_t *s, int cause)
+{
+	if (ctx_err(s))
+		return 2;
+	int fd = ctx_fd(s);
+	if (fd < 0)
+		return 3;
+	if (readable_now(fd))
+		return 4;
+	if (kill(getpid(), SIGUSR1) != 0)
+		return 5;
+	if (!readable_within(fd, 5000))
+		return 6;
+	if (ctx_err(s) != ECANCELED || ctx_cause(s) != cause)
+		return 7;
+	if (!usr1_consumed_within(5000))
+		return 8;
+	return 0;
+}
+
 /*
  * A signal context made before fork() works in the child: the library's fork
  * handler starts a watch thread in the child and re-arms the inherited
@@ -662,21 +671,9 @@ Test(signals, a_forked_child_re_arms_an_inherited_context_and_the_parents_stays_
 	pid_t pid = fork();
 	cr_assert_geq(pid, 0);
 	if (pid == 0) {
-		if (ctx_err(s))
-			_exit(2);
-		int fd = ctx_fd(s);
-		if (fd < 0)
-			_exit(3);
-		if (readable_now(fd))
-			_exit(4);
-		if (kill(getpid(), SIGUSR1) != 0)
-			_exit(5);
-		if (!readable_within(fd, 5000))
-			_exit(6); /* no watch thread here saw it */
-		if (ctx_err(s) != ECANCELED || ctx_cause(s) != ESHUTDOWN)
-			_exit(7);
-		if (!usr1_consumed_within(5000))
-			_exit(8);
+		int code = child_signal_ends(s, ESHUTDOWN);
+		if (code)
+			_exit(code);
 		ctx_release(s);
 		_exit(0);
 	}
@@ -714,19 +711,9 @@ Test(signals, a_forked_child_makes_its_own_signal_context_and_leaks_nothing)
 		ctx_t *s = ctx_with_signals(ctx_background(), &set, 0);
 		if (!s)
 			_exit(2);
-		int fd = ctx_fd(s);
-		if (fd < 0)
-			_exit(3);
-		if (readable_now(fd))
-			_exit(4);
-		if (kill(getpid(), SIGUSR1) != 0)
-			_exit(5);
-		if (!readable_within(fd, 5000))
-			_exit(6);
-		if (ctx_err(s) != ECANCELED || ctx_cause(s) != EINTR)
-			_exit(7);
-		if (!usr1_consumed_within(5000))
-			_exit(8);
+		int code = child_signal_ends(s, EINTR);
+		if (code)
+			_exit(code);
 		ctx_release(s);
 		/* The child's epoll set, eventfd and thread stay; the watch, its
 		 * signalfd and the context's fd go. */
