@@ -117,7 +117,7 @@ static inline bool joined_within(pthread_t t, int timeout_ms)
 
 /* The status of child `pid` once it exits, or -1 (and the child killed)
  * after timeout_ms. */
-static int waitpid_within(pid_t pid, int timeout_ms)
+static inline int waitpid_within(pid_t pid, int timeout_ms)
 {
 	int status = -1;
 	for (int i = 0; i < timeout_ms; i++) {
