@@ -223,7 +223,7 @@ bench-deps:
 		echo "bench-deps: not root; peers from$$missing will be skipped"; \
 	fi
 
-bench: bench-deps
+bench: deps bench-deps
 	@$(MAKE) --no-print-directory B=$(BENCH_B) OPT=-O2 SAN= CFLAGS= $(BENCH_B)/libctx.a
 	@glib=""; if pkg-config --exists gio-2.0 2>/dev/null; then \
 		glib="-DHAVE_GLIB $$(pkg-config --cflags --libs gio-2.0)"; \

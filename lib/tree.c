@@ -726,11 +726,22 @@ static inline uint64_t state_of(ctx_t *c)
 	return s;
 }
 
-int ctx_err(ctx_t *c)
+static __attribute__((noinline)) int err_slow(ctx_t *c)
 {
 	if (!c)
 		return EINVAL;
 	return ctxi_state_err(state_of(c));
+}
+
+int ctx_err(ctx_t *c)
+{
+	/* The common case, a live registered cancel node, in a leaf function
+	 * (no frame): its own state is 0 and cascades keep it. */
+	if (__builtin_expect(c && c->kind == CTXI_CANCEL, 1) &&
+	    !atomic_load_explicit(&((struct ctxi_cancel *)c)->state, memory_order_seq_cst) &&
+	    atomic_load_explicit(&c->reg, memory_order_acquire))
+		return 0;
+	return err_slow(c);
 }
 
 int ctx_cause(ctx_t *c)
