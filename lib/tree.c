@@ -568,8 +568,8 @@ static int64_t ts_to_ns(struct timespec ts)
 {
 	if (ts.tv_sec < 0)
 		return 0; /* long past */
-	if (ts.tv_sec >= (CTXI_NEVER - ts.tv_nsec) / CTX_SEC)
-		return CTXI_NEVER;
+	if (ts.tv_sec > (CTXI_NEVER - ts.tv_nsec) / CTX_SEC)
+		return CTXI_NEVER; /* does not fit */
 	return (int64_t)ts.tv_sec * CTX_SEC + ts.tv_nsec;
 }
 

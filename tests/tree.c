@@ -616,6 +616,22 @@ Test(deadline, huge_timeouts_saturate_instead_of_wrapping)
 	cr_assert_leq(g, t1 + far);
 	cr_assert_eq(ctx_err(c), 0);
 	ctx_unref(c);
+	/* The largest deadlines that fit are kept to the nanosecond; the
+	 * first that does not is never. */
+	struct timespec edge[] = {{9223372035, 999999999}, {9223372036, 854775806}};
+	for (size_t i = 0; i < 2; i++) {
+		ctx_t *e = ctx_with_deadline(ctx_background(), edge[i]);
+		cr_assert_not_null(e);
+		cr_assert(ctx_deadline(e, &got), "deadline %zu taken for never", i);
+		cr_assert_eq(got.tv_sec, edge[i].tv_sec);
+		cr_assert_eq(got.tv_nsec, edge[i].tv_nsec);
+		cr_assert_eq(ctx_err(e), 0);
+		ctx_unref(e);
+	}
+	ctx_t *e = ctx_with_deadline(ctx_background(), (struct timespec){9223372036, 854775807});
+	cr_assert_not_null(e);
+	cr_assert_not(ctx_deadline(e, NULL));
+	ctx_unref(e);
 	/* A deadline whose nanosecond count does not fit: never. */
 	struct timespec never = {.tv_sec = INT64_MAX, .tv_nsec = 0};
 	ctx_t *n = ctx_with_deadline(ctx_background(), never);
