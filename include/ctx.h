@@ -220,7 +220,9 @@ int ctx_after_func(ctx_t *ctx, void (*fn)(void *), void *arg, ctx_after_t **stop
 
 /* Stops a registration and frees the handle.  Returns true if this call
  * prevented fn from running; false if it could not (fn is queued to run, is
- * running, or has finished).  It does not wait for a running fn: see
+ * running, or has finished).  Once ctx_err() has reported the context done
+ * (a cancel, or a deadline passed), fn is queued: false, and fn runs, as in
+ * Go.  It does not wait for a running fn: see
  * ctx_after_stop_wait().  May be called from inside fn itself.  NULL
  * returns false with errno EINVAL. */
 bool ctx_after_stop(ctx_after_t *stop);

@@ -568,7 +568,20 @@ static bool stop(ctx_after_t *a, bool wait)
 		return false;
 	}
 	uint64_t armed = AFTER_ARMED;
-	bool stopped = atomic_compare_exchange_strong(&a->node.state, &armed, AFTER_STOPPED);
+	bool stopped = false;
+	if (a->deadline && ctxi_now() >= a->deadline) {
+		/* The context is done by its deadline, and ctx_err() may have
+		 * said so already: as in Go, fn is then on its way and a stop
+		 * cannot prevent it.  The thread may not have looked yet (it
+		 * may be running another fn): fire it here, as it would. */
+		if (atomic_compare_exchange_strong(&a->node.state, &armed, AFTER_FIRED)) {
+			ctxi_unlink(&a->node);
+			a->node.next = NULL;
+			ctxi_after_fire(&a->node); /* its heap entry is dropped unfired */
+		}
+	} else {
+		stopped = atomic_compare_exchange_strong(&a->node.state, &armed, AFTER_STOPPED);
+	}
 	if (stopped) {
 		ctxi_unlink(&a->node);
 		pthread_mutex_lock(&lk);

@@ -352,6 +352,37 @@ Test(after, stop_wait_returns_only_after_a_running_function_returned)
 	close(s.release);
 }
 
+Test(after, stop_after_err_reported_the_deadline_returns_false_and_fn_runs)
+{
+	/* Keep the library thread busy in another fn, so that it cannot have
+	 * taken the registration when its deadline passes. */
+	struct slow s = {.started = eventfd(0, EFD_CLOEXEC), .release = eventfd(0, EFD_CLOEXEC)};
+	ctx_t *busy = ctx_with_cancel(ctx_background());
+	cr_assert_eq(ctx_after_func(busy, slow_fn, &s, NULL), 0);
+	ctx_cancel(busy);
+	cr_assert(readable_within(s.started, 5000));
+
+	struct probe p;
+	probe_init(&p);
+	ctx_t *c = ctx_with_timeout(ctx_background(), 10 * CTX_MSEC);
+	ctx_after_t *h;
+	cr_assert_eq(ctx_after_func(c, probe_fn, &p, &h), 0);
+	cr_assert(readable_within(ctx_fd(c), 5000));
+	cr_assert_eq(ctx_err(c), ETIMEDOUT);
+	/* Go: once Err() reports the context done, stop returns false and
+	 * f runs. */
+	cr_assert_not(ctx_after_stop(h), "stop prevented fn after ctx_err said done");
+	uint64_t one = 1;
+	cr_assert_eq(write(s.release, &one, sizeof(one)), (ssize_t)sizeof(one));
+	cr_assert(probe_ran(&p, 5000), "fn never ran");
+	cr_assert_eq(atomic_load(&p.runs), 1);
+	ctx_unref(c);
+	ctx_unref(busy);
+	probe_fini(&p);
+	close(s.started);
+	close(s.release);
+}
+
 Test(after, fire_and_forget_runs_and_frees_itself)
 {
 	struct probe p;
