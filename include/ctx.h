@@ -152,8 +152,8 @@ void *ctx_value(ctx_t *ctx, const void *key);
  * stays readable: it is never readable while ctx_err() reports 0, and once
  * ctx_err() reports done it is readable (a reader that finds a deadline
  * passed fires the timer itself rather than wait for the timer interrupt;
- * on kernels without TFD_IOC_SET_TICKS it may lag the deadline by that
- * interrupt, microseconds).  Rules:
+ * on kernels without TFD_IOC_SET_TICKS that first reader waits for the
+ * interrupt instead, microseconds).  Rules:
  *   - The context owns it: never read, write or close it.  It is valid until
  *     the last reference to `ctx` is dropped; dup() it to keep it longer.
  *   - It is close-on-exec and non-blocking; repeated calls return the same fd.

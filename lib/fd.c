@@ -82,15 +82,19 @@ void ctxi_eventfd_write(int fd)
 
 /* Called by the first readers past a deadline, before they mark the node
  * done.  The kernel timer would fire the fd anyway, but up to tens of
- * microseconds later (the interrupt), and err must not lead the fd.  Only
- * with TFD_IOC_SET_TICKS: the re-arming fallback could blink readiness off.
- * The fd cannot be closed meanwhile: the caller holds a reference, or (the
- * cascade) the lock that the node's free path waits for. */
+ * microseconds later (the interrupt), and err must not lead the fd.
+ * Without TFD_IOC_SET_TICKS the re-arming fallback could blink readiness
+ * off; instead wait for that interrupt (bounded: the timer is armed at this
+ * very deadline, which has passed, so it is due).  The fd cannot be closed
+ * meanwhile: the caller holds a reference, or (the cascade) the lock that
+ * the node's free path waits for. */
 void ctxi_fd_expire(struct ctxi_cancel *c)
 {
 	int v = atomic_load_explicit(&c->fd, memory_order_acquire);
-	if (v >= 0 && (v & 1))
-		set_ticks(v >> 1);
+	if (v >= 0 && (v & 1) && !set_ticks(v >> 1)) {
+		struct pollfd p = {.fd = v >> 1, .events = POLLIN};
+		poll(&p, 1, 100);
+	}
 }
 
 void ctxi_fd_close(struct ctxi_cancel *c)

@@ -6,7 +6,15 @@
 #include "helpers.h"
 
 #include <fcntl.h>
+#include <linux/audit.h>
+#include <linux/filter.h>
+#include <linux/seccomp.h>
+#include <stddef.h>
 #include <sys/epoll.h>
+#include <sys/ioctl.h>
+#include <sys/prctl.h>
+#include <sys/syscall.h>
+#include <sys/timerfd.h>
 #include <unistd.h>
 
 static int key;
@@ -461,4 +469,66 @@ Test(fd, is_closed_when_the_last_reference_goes)
 	cr_assert_eq(open_fd_count(), base + 1);
 	ctx_unref(p);
 	cr_assert_eq(open_fd_count(), base);
+}
+
+/* ------------------------------------------------------------------------ */
+/* Kernels without TFD_IOC_SET_TICKS (no CONFIG_CHECKPOINT_RESTORE, or a
+ * sandbox that filters the ioctl), simulated with a seccomp filter on this
+ * test's process (Criterion runs each test in its own). */
+
+#define SET_TICKS_IOCTL _IOW('T', 0, uint64_t)
+
+static bool refuse_set_ticks(void)
+{
+#if defined(__x86_64__)
+	struct sock_filter f[] = {
+		BPF_STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(struct seccomp_data, arch)),
+		BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, AUDIT_ARCH_X86_64, 1, 0),
+		BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ALLOW),
+		BPF_STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(struct seccomp_data, nr)),
+		BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, __NR_ioctl, 0, 3),
+		BPF_STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(struct seccomp_data, args[1])),
+		BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, (uint32_t)SET_TICKS_IOCTL, 0, 1),
+		BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ERRNO | ENOTTY),
+		BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ALLOW),
+	};
+	struct sock_fprog prog = {.len = sizeof(f) / sizeof(f[0]), .filter = f};
+	return prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) == 0 &&
+	       prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, &prog) == 0;
+#else
+	return false;
+#endif
+}
+
+Test(fd, without_set_ticks_err_never_leads_the_fd)
+{
+	if (!refuse_set_ticks())
+		cr_skip_test("cannot install the seccomp filter here");
+	int t = timerfd_create(CLOCK_MONOTONIC, TFD_CLOEXEC);
+	uint64_t one = 1;
+	cr_assert_eq(ioctl(t, SET_TICKS_IOCTL, &one), -1, "the filter let SET_TICKS through");
+	cr_assert_eq(errno, ENOTTY);
+	close(t);
+	/* Past the deadline, the first ctx_err() that reports it must find
+	 * the fd readable already (the SPEC: err never leads the fd), though
+	 * the library can no longer fire the timer itself. */
+	for (int round = 0; round < 200; round++) {
+		ctx_t *c = ctx_with_timeout(ctx_background(), CTX_MSEC);
+		int fd = ctx_fd(c);
+		cr_assert_geq(fd, 0);
+		int64_t bound = now_ns() + 5 * CTX_SEC;
+		while (ctx_err(c) == 0)
+			cr_assert_lt(now_ns(), bound, "the deadline never came");
+		cr_assert_eq(ctx_err(c), ETIMEDOUT);
+		cr_assert(readable_now(fd), "round %d: ctx_err said ETIMEDOUT before the fd", round);
+		ctx_unref(c);
+	}
+	/* And a cancel still makes a deadline context's fd readable before
+	 * ctx_cancel returns (the re-arming fallback). */
+	ctx_t *c = ctx_with_timeout(ctx_background(), 3600 * CTX_SEC);
+	int fd = ctx_fd(c);
+	cr_assert_geq(fd, 0);
+	cr_assert_eq(ctx_cancel(c), 0);
+	cr_assert(readable_now(fd));
+	ctx_unref(c);
 }
