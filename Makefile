@@ -4,7 +4,8 @@
 #   make demo       build, then run examples/demo, blocking_read and xproc
 #   make check      the test suites: plain, ASan+UBSan, TSan (separate builds)
 #   make install    PREFIX=/usr/local DESTDIR= ; make uninstall
-#   make bench      ctx against Go, GLib and the raw system calls (QUICK=1: short)
+#   make bench      ctx against Go, GLib and the raw system calls (QUICK=1: short;
+#                   ONLY=short,tree,wake,after,mem: those sections, table only)
 #
 # `demo` and `check` first run `deps`, which asks pkg-config for the Debian
 # packages the project needs and installs the missing ones when run as root.
@@ -202,6 +203,7 @@ BENCH_DEPS  := pkg:gio-2.0:libglib2.0-dev cmd:go:golang-go cmd:gnuplot:gnuplot-n
 BENCH_GOENV := GOCACHE=$(CURDIR)/$(BENCH_B)/gocache GOPATH=$(CURDIR)/$(BENCH_B)/gopath \
 	GOTOOLCHAIN=local GOPROXY=off GOFLAGS= GO111MODULE=on GOTELEMETRY=off
 QUICK ?=
+ONLY ?=
 
 .PHONY: bench bench-deps
 
@@ -236,9 +238,9 @@ bench: deps bench-deps
 		cd bench/go && env $(BENCH_GOENV) go build -o $(CURDIR)/$(BENCH_B)/ctxbench-go . || \
 		echo "bench: Go peer skipped (go build failed)"; \
 	else echo "bench: Go peer skipped (no go: apt-get install golang-go)"; fi
-	QUICK=$(QUICK) $(BENCH_B)/bench --json bench/results.json --data $(BENCH_B) \
+	QUICK=$(QUICK) ONLY=$(ONLY) $(BENCH_B)/bench --json bench/results.json --data $(BENCH_B) \
 		--go $(BENCH_B)/ctxbench-go
-	@if command -v gnuplot >/dev/null 2>&1; then \
+	@if [ -n "$(ONLY)" ]; then :; elif command -v gnuplot >/dev/null 2>&1; then \
 		gnuplot -e "datadir='$(BENCH_B)'; outdir='bench'" bench/plot.gp && \
 		echo "bench: wrote bench/tree_cancel.png bench/wake_latency.png"; \
 	else echo "bench: plots skipped (no gnuplot: apt-get install gnuplot-nox)"; fi

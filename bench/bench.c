@@ -1577,6 +1577,15 @@ static void write_data(const char *dir)
 	fclose(f);
 }
 
+/* ONLY=short,tree,wake,after,mem runs those sections alone (for work on
+ * one row); unset, everything runs. */
+static const char *only;
+
+static bool want(const char *section)
+{
+	return !only || strstr(only, section);
+}
+
 int main(int argc, char **argv)
 {
 	if (argc == 4 && !strcmp(argv[1], "--mem"))
@@ -1590,6 +1599,9 @@ int main(int argc, char **argv)
 		else if (!strcmp(argv[i], "--go"))
 			go = argv[i + 1];
 	}
+	only = getenv("ONLY");
+	if (only && !*only)
+		only = NULL;
 	const char *q = getenv("QUICK");
 	quick = q && *q && strcmp(q, "0");
 	if (quick)
@@ -1616,22 +1628,37 @@ int main(int argc, char **argv)
 	spare_efd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
 	double t0 = now_ns();
 
-	fprintf(stderr, "bench: short operations\n");
-	bench_short();
-	fprintf(stderr, "bench: trees\n");
-	bench_tree();
-	fprintf(stderr, "bench: wake latency\n");
+	if (want("short")) {
+		fprintf(stderr, "bench: short operations\n");
+		bench_short();
+	}
+	if (want("tree")) {
+		fprintf(stderr, "bench: trees\n");
+		bench_tree();
+	}
 	waiter_start();
-	bench_wake();
-	fprintf(stderr, "bench: after-functions\n");
-	bench_after();
+	if (want("wake")) {
+		fprintf(stderr, "bench: wake latency\n");
+		bench_wake();
+	}
+	if (want("after")) {
+		fprintf(stderr, "bench: after-functions\n");
+		bench_after();
+	}
 	waiter_stop();
-	fprintf(stderr, "bench: memory\n");
-	bench_mem();
+	if (want("mem")) {
+		fprintf(stderr, "bench: memory\n");
+		bench_mem();
+	}
 	go_stop();
 
 	double secs = (now_ns() - t0) / 1e9;
 	print_table();
+	if (only) { /* a partial run keeps the full run's JSON and plots */
+		printf("\n%d rows in %.0f s (ONLY=%s: %s and the plot data not written)\n", nrows,
+		       secs, only, json);
+		return 0;
+	}
 	write_json(json, secs);
 	if (data)
 		write_data(data);
