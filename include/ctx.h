@@ -266,8 +266,9 @@ bool ctx_after_stop_wait(ctx_after_t *stop);
  * they have to wait: one that can proceed at once succeeds; one that must
  * wait fails with the ctx_fd() errno (EMFILE, ENFILE, ENOMEM), unless its
  * context can never be done (it then waits on the caller's fds alone).
- * Exception: ctx_connect() creates the context's fd before it connects, so
- * out of fds it fails with that errno at once, whatever the context.
+ * Exception: a ctx_connect() that has to wait has started its connect, so
+ * rather than fail half done it waits without the context's fd, looking at
+ * the context every 10 ms (and waking at its deadline).
  *
  * A context fd shared with another process (inherited across fork()) can be
  * made readable there while this process's context is not done; these calls
@@ -312,10 +313,11 @@ int ctx_accept(ctx_t *ctx, int fd, struct sockaddr *addr, socklen_t *addrlen, in
  * flag lives on the open file, so dup()ed copies see it meanwhile.  An
  * AF_UNIX listener with a full backlog is retried until it has room or the
  * context is done.  After a cancelled connect the socket is in an
- * unspecified state: close it.  The context's fd is created first (before
- * the connect starts), so when it cannot be created the call fails with
- * ctx_fd()'s errno (EMFILE, ENFILE, ENOMEM) and the socket is untouched,
- * even for a context that can never be done. */
+ * unspecified state: close it.  The connect is tried before the context's
+ * fd is created, so one that completes at once (an AF_UNIX listener with
+ * room) needs no fd; out of fds, one that must wait still waits (see "out of
+ * fds" above) and ends when the context is done, at most ~10 ms late for a
+ * cancel. */
 int ctx_connect(ctx_t *ctx, int fd, const struct sockaddr *addr, socklen_t addrlen);
 
 /* ------------------------------------------------------------------------ */

@@ -79,8 +79,13 @@ static int poll_fd(ctx_t *ctx, bool *none)
  * first, or poll's own. */
 static int poll_ctx(ctx_t *ctx, struct pollfd *p, nfds_t n, int64_t until, bool *done)
 {
-	bool shared = false; /* p[n] was readable while not done: dropped */
-	int64_t deadline = CTXI_NEVER;
+	/* p[n] was readable while not done (see SHARED_SLICE), or there was
+	 * no fd for a context that can be done (ctx_connect out of fds):
+	 * wait without it, in slices. */
+	struct ctxi_cancel *a = ctxi_anchor(ctx);
+	bool shared = p[n].fd < 0 && a;
+	int64_t deadline = shared && a->base.kind == CTXI_TIMED ? ((struct ctxi_timed *)a)->deadline
+								 : CTXI_NEVER;
 	*done = false;
 	for (;;) {
 		int64_t end = until;
@@ -108,7 +113,6 @@ static int poll_ctx(ctx_t *ctx, struct pollfd *p, nfds_t n, int64_t until, bool 
 				shared = true;
 				p[n].fd = -1;
 				p[n].revents = 0;
-				struct ctxi_cancel *a = ctxi_anchor(ctx);
 				if (a && a->base.kind == CTXI_TIMED)
 					deadline = ((struct ctxi_timed *)a)->deadline;
 			}
@@ -361,11 +365,24 @@ int ctx_accept(ctx_t *ctx, int fd, struct sockaddr *addr, socklen_t *addrlen, in
 	}
 }
 
-/* The connect itself, on a socket that is non-blocking now. */
-static int connect_nb(ctx_t *ctx, int cfd, int fd, const struct sockaddr *addr,
-		      socklen_t addrlen)
+/* The context's poll entry for a connect that has to wait.  The connect is
+ * under way by then, and failing for want of an fd would leave it half
+ * done: out of fds, the entry is -1 and poll_ctx() waits without it. */
+static int connect_cfd(ctx_t *ctx, int *cfd)
 {
-	int err;
+	if (*cfd == -2) {
+		*cfd = ctx_fd(ctx);
+		if (*cfd < 0)
+			*cfd = -1;
+	}
+	return *cfd;
+}
+
+/* The connect itself, on a socket that is non-blocking now.  It is tried
+ * before the context's fd exists, so one that completes at once needs none. */
+static int connect_nb(ctx_t *ctx, int fd, const struct sockaddr *addr, socklen_t addrlen)
+{
+	int err, cfd = -2;
 	bool retried = false;
 	int64_t backoff = CTX_MSEC;
 	for (;;) {
@@ -385,14 +402,15 @@ static int connect_nb(ctx_t *ctx, int cfd, int fd, const struct sockaddr *addr,
 		 * would wait for room, but poll cannot tell when there is some
 		 * (an unconnected socket polls writable), so retry with a backoff
 		 * spent waiting on the context. */
-		struct pollfd p = {.fd = cfd, .events = POLLIN};
+		struct pollfd p = {.fd = connect_cfd(ctx, &cfd), .events = POLLIN};
 		bool done;
 		if (poll_ctx(ctx, &p, 0, ctxi_now() + backoff, &done) < 0)
 			return -1;
 		if (backoff < 64 * CTX_MSEC)
 			backoff *= 2;
 	}
-	struct pollfd p[2] = {{.fd = fd, .events = POLLOUT}, {.fd = cfd, .events = POLLIN}};
+	struct pollfd p[2] = {{.fd = fd, .events = POLLOUT},
+			      {.fd = connect_cfd(ctx, &cfd), .events = POLLIN}};
 	bool done;
 	if (poll_ctx(ctx, p, 1, CTXI_NEVER, &done) < 0)
 		return -1;
@@ -409,18 +427,13 @@ int ctx_connect(ctx_t *ctx, int fd, const struct sockaddr *addr, socklen_t addrl
 	int err = ctx_err(ctx);
 	if (err)
 		return fail(err);
-	/* The context's fd first: failing for want of an fd must not leave a
-	 * connect half started. */
-	int cfd = ctx_fd(ctx);
-	if (cfd < 0)
-		return -1;
 	int fl = fcntl(fd, F_GETFL);
 	if (fl < 0)
 		return -1;
 	bool blocking = !(fl & O_NONBLOCK);
 	if (blocking && fcntl(fd, F_SETFL, fl | O_NONBLOCK) < 0)
 		return -1;
-	int r = connect_nb(ctx, cfd, fd, addr, addrlen);
+	int r = connect_nb(ctx, fd, addr, addrlen);
 	if (blocking) {
 		int e = errno;
 		fcntl(fd, F_SETFL, fl);

@@ -1176,14 +1176,17 @@ Test(no_fds, io_calls_fail_with_EMFILE_but_data_already_present_is_returned)
 	rc[0] = ctx_read(ctx, r.fd, buf, sizeof(buf)), e[0] = errno;
 	struct pollfd p = {.fd = r.fd, .events = POLLIN};
 	rc[1] = ctx_poll(ctx, &p, 1, -1), e[1] = errno;
+	/* A connect is under way before it may have to wait: it waits
+	 * without the context's fd rather than fail half done. */
 	rc[2] = ctx_connect(ctx, s, (struct sockaddr *)&a, sizeof(a)), e[2] = errno;
 	rc[3] = write(r.peer, "x", 1);
 	ssize_t got = ctx_read(ctx, r.fd, buf, sizeof(buf));
 	feed_fds(&f);
-	for (int i = 0; i < 3; i++) {
+	for (int i = 0; i < 2; i++) {
 		cr_assert_eq(rc[i], -1, "call %d returned %zd", i, rc[i]);
 		cr_assert_eq(e[i], EMFILE, "call %d: errno %d", i, e[i]);
 	}
+	cr_assert_eq(rc[2], 0, "connect over loopback: errno %d", e[2]);
 	cr_assert_not(is_nonblock(s));
 	cr_assert_eq(rc[3], 1);
 	cr_assert_eq(got, 1, "data present: %zd", got);
@@ -1191,6 +1194,69 @@ Test(no_fds, io_calls_fail_with_EMFILE_but_data_already_present_is_returned)
 	close(l);
 	rig_down(&r);
 	ctx_release(ctx);
+}
+
+Test(no_fds, connect_that_completes_at_once_needs_no_fd)
+{
+	/* An AF_UNIX listener with room completes a connect at once: out
+	 * of fds, that must succeed, for any context. */
+	struct sockaddr_un ua;
+	socklen_t ualen;
+	int l = unix_listener(16, &ua, &ualen);
+	ctx_t *ctxs[] = {ctx_background(), ctx_with_cancel(ctx_background()),
+			 ctx_with_timeout(ctx_background(), 3600 * CTX_SEC)};
+	int s[3];
+	for (int i = 0; i < 3; i++) {
+		s[i] = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+		cr_assert_geq(s[i], 0);
+	}
+	struct fd_famine f;
+	starve_fds(&f);
+	int rc[3], e[3];
+	for (int i = 0; i < 3; i++)
+		rc[i] = ctx_connect(ctxs[i], s[i], (struct sockaddr *)&ua, ualen), e[i] = errno;
+	feed_fds(&f);
+	for (int i = 0; i < 3; i++) {
+		cr_assert_eq(rc[i], 0, "context %d: errno %d", i, e[i]);
+		cr_assert_not(is_nonblock(s[i]));
+		struct sockaddr_un peer;
+		socklen_t plen = sizeof(peer);
+		cr_assert_eq(getpeername(s[i], (struct sockaddr *)&peer, &plen), 0);
+		close(s[i]);
+		ctx_release(ctxs[i]);
+	}
+	close(l);
+}
+
+Test(no_fds, connect_that_must_wait_ends_when_cancelled_and_at_the_deadline)
+{
+	/* A full backlog keeps a TCP connect in progress; out of fds, the
+	 * wait goes on without the context's fd and still ends with it. */
+	for (int timed = 0; timed <= 1; timed++) {
+		struct rig r;
+		rig_up(&r, OP_CONNECT, false);
+		ctx_t *ctx = timed ? ctx_with_timeout(ctx_background(), DEADLINE)
+				   : ctx_with_cancel(ctx_background());
+		int64_t deadline = timed ? deadline_of(ctx) : 0;
+		struct job j;
+		job_on_rig(&j, OP_CONNECT, ctx, &r);
+		j.hold = true;
+		job_start(&j, true);
+		struct fd_famine f;
+		starve_fds(&f);
+		cr_assert_eq(ctx_fd(ctx), -1);
+		job_go(&j, true);
+		if (!timed)
+			cr_assert_eq(ctx_cancel(ctx), 0);
+		job_join(&j);
+		feed_fds(&f);
+		cr_assert_eq(j.ret, -1);
+		cr_assert_eq(j.err, timed ? ETIMEDOUT : ECANCELED, "errno %d", j.err);
+		cr_assert_geq(j.t_ret, deadline);
+		cr_assert_not(is_nonblock(r.fd));
+		rig_down(&r);
+		ctx_release(ctx);
+	}
 }
 
 Test(no_fds, poll_returns_entries_that_are_ready_at_once)
