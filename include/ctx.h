@@ -304,7 +304,8 @@ ssize_t ctx_recv(ctx_t *ctx, int fd, void *buf, size_t len, int flags);
 ssize_t ctx_send(ctx_t *ctx, int fd, const void *buf, size_t len, int flags);
 
 /* accept4(2) (flags: SOCK_NONBLOCK, SOCK_CLOEXEC) that blocks until a
- * connection arrives or `ctx` is done. */
+ * connection arrives or `ctx` is done.  Other flags fail at once with
+ * EINVAL, before any wait. */
 int ctx_accept(ctx_t *ctx, int fd, struct sockaddr *addr, socklen_t *addrlen, int flags);
 
 /* connect(2) that ends when the connection completes, fails, or `ctx` is

@@ -354,7 +354,8 @@ ssize_t ctx_send(ctx_t *ctx, int fd, const void *buf, size_t len, int flags)
  * the connection between the poll and the accept (see the header). */
 int ctx_accept(ctx_t *ctx, int fd, struct sockaddr *addr, socklen_t *addrlen, int flags)
 {
-	if (!ctx)
+	/* accept4 would refuse other flags only once a connection came. */
+	if (!ctx || (flags & ~(SOCK_NONBLOCK | SOCK_CLOEXEC)))
 		return fail(EINVAL);
 	for (;;) {
 		if (wait_fd(ctx, fd, POLLIN) < 0)

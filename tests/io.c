@@ -819,6 +819,22 @@ Test(accept, returns_a_connection_made_while_it_waits)
 	}
 }
 
+Test(accept, bad_flags_fail_at_once_before_any_wait)
+{
+	struct sockaddr_in a;
+	int l = tcp_listener(16, &a);
+	ctx_t *ctx = ctx_with_timeout(ctx_background(), 2 * CTX_SEC);
+	int64_t t0 = now_ns();
+	int rc = ctx_accept(ctx, l, NULL, NULL, 0x40000000);
+	int e = errno;
+	int64_t took = now_ns() - t0;
+	cr_assert_eq(rc, -1);
+	cr_assert_eq(e, EINVAL, "errno %d after %lld ms", e, (long long)(took / CTX_MSEC));
+	cr_assert_lt(took, CTX_SEC, "bad flags waited for a connection");
+	ctx_release(ctx);
+	close(l);
+}
+
 Test(connect, completes_over_loopback_and_keeps_the_socket_mode)
 {
 	for (int nb = 0; nb <= 1; nb++) {
