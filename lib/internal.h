@@ -268,6 +268,13 @@ static inline void *ctxi_alloc(size_t n)
  * window. */
 extern void (*ctxi_after_linked_hook)(ctx_t *ctx);
 
+/* Test hooks for the race of a deadline with a cancel (lib/tree.c):
+ * ctx_cancel_cause() calls the first after it found the node live and
+ * before its claim; ctxi_state_timed() calls the second after it looked up
+ * the chain it is about to latch and before it latches it. */
+extern void (*ctxi_cancel_checked_hook)(struct ctxi_cancel *c);
+extern void (*ctxi_latch_hook)(struct ctxi_cancel *c);
+
 /* lib/tree.c */
 void ctxi_link(struct ctxi_cancel *anchor, struct ctxi_cancel *c); /* under anchor's lock */
 void ctxi_unlink(struct ctxi_cancel *c); /* from its anchor's list, if there */

@@ -446,6 +446,8 @@ static bool deadline_passed(struct ctxi_cancel *n)
 	return n->base.kind == CTXI_TIMED && ctxi_now() >= ((struct ctxi_timed *)n)->deadline;
 }
 
+void (*ctxi_cancel_checked_hook)(struct ctxi_cancel *c);
+
 int ctx_cancel_cause(ctx_t *c, int cause)
 {
 	if (!c || !ctxi_cancellable(c))
@@ -453,6 +455,8 @@ int ctx_cancel_cause(ctx_t *c, int cause)
 	struct ctxi_cancel *n = (struct ctxi_cancel *)c;
 	/* Latches a passed deadline, or a lazy node's inherited state, first. */
 	uint64_t cur = ctxi_state_full(n);
+	if (__builtin_expect(ctxi_cancel_checked_hook != NULL, 0) && !cur)
+		ctxi_cancel_checked_hook(n);
 	uint64_t st = ctxi_mkstate(ECANCELED, cause ? cause : ECANCELED);
 	/* seq_cst: quiet_leaf() and lib/wait.c's fd-less waiters pair with it. */
 	bool mine = !cur && atomic_compare_exchange_strong_explicit(
@@ -667,33 +671,55 @@ static struct ctxi_cancel *same_deadline_anchor(struct ctxi_cancel *c, int64_t d
  * deadline, and the walk, still to come, finds c done and signals below it.
  * The ancestors passed on the way (state 0, same passed deadline) are
  * latched too, so a chain read bottom-up is walked once, not once a node.
+ *
+ * The chain is latched top-down, and a node found done meanwhile passes its
+ * state down instead: a cancel that looked at an ancestor just before the
+ * deadline may claim it between this look and the latch, and its err must
+ * then be the descendants' too.  The walk up keeps the highest LATCH_RING
+ * nodes; a longer chain is latched LATCH_RING nodes at a time, from the top.
  */
+#define LATCH_RING 32
+
+void (*ctxi_latch_hook)(struct ctxi_cancel *c);
+
 uint64_t ctxi_state_timed(struct ctxi_cancel *c)
 {
 	const struct ctxi_timed *t = (const struct ctxi_timed *)c;
 	if (ctxi_now() < t->deadline)
 		return 0;
-	uint64_t want = ctxi_mkstate(ETIMEDOUT, t->dcause);
-	struct ctxi_cancel *top = c; /* the highest of the chain with state 0 */
-	for (struct ctxi_cancel *a; (a = same_deadline_anchor(top, t->deadline)); top = a) {
-		uint64_t sa = atomic_load_explicit(&a->state, memory_order_acquire);
-		if (sa) {
-			want = ctxi_final(sa);
-			break;
+	for (;;) {
+		struct ctxi_cancel *ring[LATCH_RING];
+		uint64_t want = ctxi_mkstate(ETIMEDOUT, t->dcause);
+		size_t n = 0; /* chain nodes with state 0, c first */
+		ring[n++] = c;
+		for (struct ctxi_cancel *a = c; (a = same_deadline_anchor(a, t->deadline));) {
+			uint64_t sa = atomic_load_explicit(&a->state, memory_order_acquire);
+			if (sa) {
+				want = ctxi_final(sa);
+				break;
+			}
+			ring[n++ % LATCH_RING] = a;
 		}
+		if (ctxi_latch_hook)
+			ctxi_latch_hook(c);
+		size_t low = n > LATCH_RING ? n - LATCH_RING : 0;
+		uint64_t s = 0;
+		for (size_t i = n; i-- > low;) {
+			struct ctxi_cancel *x = ring[i % LATCH_RING];
+			ctxi_fd_expire(x);
+			uint64_t cur = 0;
+			if (atomic_compare_exchange_strong_explicit(&x->state, &cur, want,
+								    memory_order_acq_rel,
+								    memory_order_acquire)) {
+				s = want;
+			} else {
+				s = cur;
+				want = ctxi_final(cur);
+			}
+		}
+		if (!low)
+			return s; /* c's, latched last */
 	}
-	uint64_t s = 0;
-	for (struct ctxi_cancel *x = c;; x = same_deadline_anchor(x, t->deadline)) {
-		ctxi_fd_expire(x);
-		uint64_t cur = 0;
-		bool won = atomic_compare_exchange_strong_explicit(
-			&x->state, &cur, want, memory_order_acq_rel, memory_order_acquire);
-		if (x == c)
-			s = won ? want : cur;
-		if (x == top)
-			break;
-	}
-	return s;
 }
 
 /* Waits out a cancel's PENDING phase.  The canceller holds the node's lock

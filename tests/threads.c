@@ -8,6 +8,7 @@
 #include <criterion/criterion.h>
 
 #include "helpers.h"
+#include "internal.h" /* the deadline/cancel race's test hooks */
 
 #include <pthread.h>
 #include <sched.h>
@@ -1384,4 +1385,83 @@ Test(threads, a_leaf_registered_during_its_parents_cancel_is_not_done_before_the
 		     r.early);
 	pthread_barrier_destroy(&r.go);
 	pthread_barrier_destroy(&r.done);
+}
+
+/* ------------------------------------------------------------------------ */
+/* A cancel that looked at a deadline context just before its deadline, and
+ * claims it just after, while a reader of a child sharing that deadline has
+ * looked up the chain (both live) and not yet latched it.  Hooks hold each
+ * side in its window, so the interleaving is forced, not hoped for. */
+
+static struct {
+	ctx_t *parent;
+	int64_t deadline;
+	atomic_int canceller_in; /* the cancel has looked (before the deadline) */
+	atomic_int reader_in;  /* the reader is between its look and its latch */
+	atomic_int bad_waits;  /* a hook's bounded wait ran out */
+} race;
+
+static void canceller_checked(struct ctxi_cancel *n)
+{
+	(void)n;
+	ctxi_cancel_checked_hook = NULL;
+	atomic_store(&race.canceller_in, 1);
+	int64_t end = now_ns() + 5 * CTX_SEC;
+	while (!atomic_load(&race.reader_in))
+		if (now_ns() > end) {
+			atomic_fetch_add(&race.bad_waits, 1);
+			break;
+		}
+}
+
+static void reader_looked(struct ctxi_cancel *c)
+{
+	(void)c;
+	ctxi_latch_hook = NULL;
+	atomic_store(&race.reader_in, 1);
+	struct ctxi_cancel *p = (struct ctxi_cancel *)race.parent;
+	int64_t end = now_ns() + 5 * CTX_SEC;
+	while (!atomic_load(&p->state)) /* until the cancel's claim */
+		if (now_ns() > end) {
+			atomic_fetch_add(&race.bad_waits, 1);
+			break;
+		}
+}
+
+static void *cancel_parent(void *arg)
+{
+	(void)arg;
+	ctx_cancel(race.parent);
+	return NULL;
+}
+
+Test(threads, a_cancel_claiming_a_parent_while_a_child_latches_its_deadline_decides_both)
+{
+	race.parent = ctx_with_timeout(ctx_background(), 200 * CTX_MSEC);
+	ctx_t *child = ctx_with_cancel(race.parent); /* shares the deadline */
+	struct timespec d;
+	cr_assert(ctx_deadline(race.parent, &d));
+	race.deadline = (int64_t)d.tv_sec * CTX_SEC + d.tv_nsec;
+	atomic_store(&race.canceller_in, 0);
+	atomic_store(&race.reader_in, 0);
+	atomic_store(&race.bad_waits, 0);
+	ctxi_cancel_checked_hook = canceller_checked;
+	ctxi_latch_hook = reader_looked;
+	/* The cancel looks before the deadline, then waits in its window. */
+	pthread_t t;
+	cr_assert_eq(pthread_create(&t, NULL, cancel_parent, NULL), 0);
+	while (!atomic_load(&race.canceller_in) && now_ns() < race.deadline)
+		sched_yield();
+	cr_assert(atomic_load(&race.canceller_in), "the cancel did not look before the deadline");
+	while (now_ns() < race.deadline)
+		sched_yield();
+	int child_err = ctx_err(child);
+	cr_assert(joined_within(t, 5000));
+	cr_assert_eq(atomic_load(&race.bad_waits), 0, "a hook was not reached");
+	int parent_err = ctx_err(race.parent);
+	cr_assert_eq(child_err, parent_err, "child %d, parent %d", child_err, parent_err);
+	cr_assert_eq(ctx_cause(child), ctx_cause(race.parent));
+	cr_assert_eq(parent_err, ECANCELED, "the cancel's claim came first: %d", parent_err);
+	ctx_unref(child);
+	ctx_unref(race.parent);
 }

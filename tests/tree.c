@@ -532,6 +532,34 @@ Test(deadline, cancelling_a_parent_after_a_child_deadline_keeps_the_child_etimed
 	ctx_unref(p);
 }
 
+Test(deadline, a_long_chain_sharing_it_latches_from_its_nearest_done_ancestor)
+{
+	/* 150 nodes (a third of them value nodes) under one deadline, the
+	 * 50th cancelled before it: read from the bottom past the deadline,
+	 * the ones below it take its cancel (~66 cancellable ones: more than
+	 * one round of the latch's ring), the ones above it time out with the
+	 * deadline's cause. */
+	enum { N = 150, CUT = 50 };
+	ctx_t *chain[N];
+	chain[0] = ctx_with_timeout_cause(ctx_background(), 30 * CTX_MSEC, 77);
+	for (int i = 1; i < N; i++)
+		chain[i] = i % 3 ? ctx_with_cancel(chain[i - 1])
+				 : ctx_with_value(chain[i - 1], &key_c, NULL, NULL);
+	int cut = CUT % 3 ? CUT : CUT + 1;
+	cr_assert_eq(ctx_cancel_cause(chain[cut], 88), 0);
+	int fd = ctx_fd(chain[0]);
+	cr_assert(readable_within(fd, 5000));
+	cr_assert_eq(ctx_err(chain[N - 1]), ECANCELED);
+	cr_assert_eq(ctx_cause(chain[N - 1]), 88);
+	for (int i = 0; i < N; i++) {
+		bool below = i >= cut;
+		cr_assert_eq(ctx_err(chain[i]), below ? ECANCELED : ETIMEDOUT, "node %d", i);
+		cr_assert_eq(ctx_cause(chain[i]), below ? 88 : 77, "node %d", i);
+	}
+	for (int i = N - 1; i >= 0; i--)
+		ctx_unref(chain[i]);
+}
+
 Test(deadline, timeout_of_zero_or_less_is_born_done)
 {
 	int64_t bad[] = {0, -1, -CTX_SEC, INT64_MIN};
