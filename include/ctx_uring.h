@@ -158,7 +158,9 @@ bool ctx_uring_cqe(ctx_uring_t *cu, const struct io_uring_cqe *cqe, struct ctx_u
  * cancels need several rounds through a small SQ.  Returns the number of
  * SQEs submitted, or -1 with errno: io_uring_enter's, EINVAL for NULL, or
  * EBUSY when the kernel takes no SQE while cancels still wait for room
- * (reap CQEs, then call it again). */
+ * (reap CQEs, then call it again).  On an IORING_SETUP_SQPOLL ring it also
+ * waits (up to 100 ms) until the kernel's thread has taken the entries, so
+ * that their slots are free when it returns, as on other rings. */
 int ctx_uring_submit(ctx_uring_t *cu, unsigned wait_nr);
 
 /* The number of operations queued with ctx_uring_queue() whose last CQE

@@ -743,6 +743,31 @@ bool ctx_uring_cqe(ctx_uring_t *cu, const struct io_uring_cqe *cqe, struct ctx_u
 	}
 }
 
+/* With IORING_SETUP_SQPOLL, a submit only publishes the SQ tail: the
+ * kernel's thread takes the entries in its own time, and until it has, their
+ * slots are not free.  Waits (bounded, SQPOLL_SETTLE_NS) until it has taken
+ * them all, so that, as on other rings, a submit gives the SQ its room back
+ * (ctx_uring_queue() after an EBUSY, the next round of cancels).  True if the
+ * SQ is empty now on an SQPOLL ring.  The op and its link timeout cannot be
+ * split by that thread: ctx_uring_queue() writes both before any tail that
+ * covers them is published. */
+#define SQPOLL_SETTLE_NS (100 * CTX_MSEC)
+
+static bool sqpoll_settle(struct io_uring *ring)
+{
+	if (!(ring->flags & IORING_SETUP_SQPOLL))
+		return false;
+	if (!io_uring_sq_ready(ring))
+		return true;
+	int64_t end = ctxi_now() + SQPOLL_SETTLE_NS;
+	while (io_uring_sq_ready(ring)) {
+		if (ctxi_now() >= end)
+			return false;
+		sched_yield();
+	}
+	return true;
+}
+
 int ctx_uring_submit(ctx_uring_t *cu, unsigned wait_nr)
 {
 	if (!cu) {
@@ -760,9 +785,10 @@ int ctx_uring_submit(ctx_uring_t *cu, unsigned wait_nr)
 			return -1;
 		}
 		total += r;
+		bool settled = sqpoll_settle(cu->ring);
 		if (all)
 			return total;
-		if (r == 0) {
+		if (r == 0 && !settled) {
 			/* The SQ is full of entries the kernel did not take: let
 			 * the caller reap CQEs and come back. */
 			errno = EBUSY;
