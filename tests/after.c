@@ -245,7 +245,10 @@ Test(after, stopped_before_running_returns_true_and_never_runs)
 	struct probe p, sentinel;
 	probe_init(&p);
 	probe_init(&sentinel);
-	ctx_t *c = ctx_with_timeout(ctx_background(), 20 * CTX_MSEC);
+	/* A deadline, so that the stop takes the registration out of the
+	 * heap; far enough that a slow (sanitized, loaded) run cannot pass it
+	 * before the stop, which would then let fn run. */
+	ctx_t *c = ctx_with_timeout(ctx_background(), 60 * CTX_SEC);
 	ctx_after_t *h;
 	cr_assert_eq(ctx_after_func(c, probe_fn, &p, &h), 0);
 	cr_assert(ctx_after_stop(h));
