@@ -1437,7 +1437,7 @@ static void *cancel_parent(void *arg)
 
 Test(threads, a_cancel_claiming_a_parent_while_a_child_latches_its_deadline_decides_both)
 {
-	race.parent = ctx_with_timeout(ctx_background(), 200 * CTX_MSEC);
+	race.parent = ctx_with_timeout(ctx_background(), 500 * CTX_MSEC);
 	ctx_t *child = ctx_with_cancel(race.parent); /* shares the deadline */
 	struct timespec d;
 	cr_assert(ctx_deadline(race.parent, &d));
