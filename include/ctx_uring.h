@@ -123,7 +123,8 @@ void ctx_uring_free(ctx_uring_t *cu);
  *   - A context that can never be done (background, todo, without-cancel)
  *     adds no SQE: the operation is queued alone (its CQE is reported like
  *     any bound operation's).
- * Nothing is submitted: call ctx_uring_submit() (or io_uring_submit()).
+ * Nothing is submitted: call ctx_uring_submit() (or io_uring_submit(), but
+ * not on an IORING_SETUP_SQPOLL ring: see ctx_uring_submit()).
  * All the SQEs this needs (up to three) are checked for room first; nothing
  * is queued unless all of them fit.  The SQE must not be part of a link
  * chain of the caller's (the previous SQE must not carry IOSQE_IO_LINK).
@@ -160,7 +161,15 @@ bool ctx_uring_cqe(ctx_uring_t *cu, const struct io_uring_cqe *cqe, struct ctx_u
  * EBUSY when the kernel takes no SQE while cancels still wait for room
  * (reap CQEs, then call it again).  On an IORING_SETUP_SQPOLL ring it also
  * waits (up to 100 ms) until the kernel's thread has taken the entries, so
- * that their slots are free when it returns, as on other rings. */
+ * that their slots are free when it returns, as on other rings; and it
+ * publishes the SQ tail in steps of at most 8 entries past the kernel's head,
+ * each ending where no link chain continues, waiting (the same bound) for
+ * the thread between steps.  An SQ thread shared by several rings
+ * (IORING_SETUP_ATTACH_WQ) takes at most 8 entries of a ring per pass,
+ * splitting a chain that straddles them: an op went alone and its link
+ * timeout failed (-EINVAL), so the kernel never ended it at its deadline.
+ * io_uring_submit() publishes all at once: on SQPOLL rings, submit with this
+ * function only. */
 int ctx_uring_submit(ctx_uring_t *cu, unsigned wait_nr);
 
 /* The number of operations queued with ctx_uring_queue() whose last CQE

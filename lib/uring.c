@@ -748,9 +748,7 @@ bool ctx_uring_cqe(ctx_uring_t *cu, const struct io_uring_cqe *cqe, struct ctx_u
  * slots are not free.  Waits (bounded, SQPOLL_SETTLE_NS) until it has taken
  * them all, so that, as on other rings, a submit gives the SQ its room back
  * (ctx_uring_queue() after an EBUSY, the next round of cancels).  True if the
- * SQ is empty now on an SQPOLL ring.  The op and its link timeout cannot be
- * split by that thread: ctx_uring_queue() writes both before any tail that
- * covers them is published. */
+ * SQ is empty now on an SQPOLL ring. */
 #define SQPOLL_SETTLE_NS (100 * CTX_MSEC)
 
 static bool sqpoll_settle(struct io_uring *ring)
@@ -768,6 +766,73 @@ static bool sqpoll_settle(struct io_uring *ring)
 	return true;
 }
 
+/*
+ * An SQ thread that serves several rings (IORING_SETUP_ATTACH_WQ; a ring
+ * cannot tell whether another one has attached to its thread) takes at most
+ * IORING_SQPOLL_CAP_ENTRIES_VALUE (8) entries of a ring per pass, wherever a
+ * link chain ends.  An op that is the last entry of a pass goes alone, and
+ * its link timeout, alone in the next pass, fails with -EINVAL: the op runs
+ * without its deadline.  So the tail is published only where no chain
+ * continues, and never more than SQPOLL_PASS entries past the kernel's head:
+ * whatever the thread finds in the SQ, it takes all of it in one pass.
+ */
+#define SQPOLL_PASS 8u
+
+static bool sqe_links(const struct io_uring *ring, unsigned pos)
+{
+	unsigned shift = (ring->flags & IORING_SETUP_SQE128) ? 1 : 0;
+	return ring->sq.sqes[(pos & ring->sq.ring_mask) << shift].flags &
+	       (IOSQE_IO_LINK | IOSQE_IO_HARDLINK);
+}
+
+/* io_uring_submit_and_wait() on an SQPOLL ring, publishing the tail in the
+ * steps above.  Returns the number of entries published, or -errno. */
+static int sqpoll_submit(struct io_uring *ring, unsigned wait_nr)
+{
+	struct io_uring_sq *sq = &ring->sq;
+	unsigned end = sq->sqe_tail, done = sq->sqe_head;
+	unsigned seen = io_uring_smp_load_acquire(sq->khead);
+	int64_t give_up = ctxi_now() + SQPOLL_SETTLE_NS;
+	while (sq->sqe_head != end) {
+		unsigned head = io_uring_smp_load_acquire(sq->khead), cut = sq->sqe_head;
+		for (unsigned p = sq->sqe_head; p != end && p - head < SQPOLL_PASS; p++)
+			if (!sqe_links(ring, p))
+				cut = p + 1;
+		if (cut == sq->sqe_head && head == cut) {
+			/* A chain of the caller's longer than a pass: it
+			 * cannot be kept whole, publish up to its end. */
+			while (cut != end && sqe_links(ring, cut))
+				cut++;
+			cut += cut != end;
+		}
+		if (cut == sq->sqe_head) {
+			/* The thread has not taken enough yet.  If it makes no
+			 * progress for that long, publish all (as liburing
+			 * would) rather than hold the caller's work back. */
+			if (head != seen) {
+				seen = head;
+				give_up = ctxi_now() + SQPOLL_SETTLE_NS;
+			}
+			if (ctxi_now() < give_up) {
+				sched_yield();
+				continue;
+			}
+			cut = end;
+		}
+		sq->sqe_tail = cut; /* io_uring_submit() publishes up to sqe_tail */
+		int r = io_uring_submit(ring);
+		sq->sqe_tail = end;
+		if (r < 0)
+			return r;
+	}
+	if (wait_nr) {
+		int r = io_uring_submit_and_wait(ring, wait_nr); /* nothing left to publish */
+		if (r < 0)
+			return r;
+	}
+	return (int)(end - done);
+}
+
 int ctx_uring_submit(ctx_uring_t *cu, unsigned wait_nr)
 {
 	if (!cu) {
@@ -779,7 +844,9 @@ int ctx_uring_submit(ctx_uring_t *cu, unsigned wait_nr)
 		bool all = flush_cancels(cu);
 		if (all)
 			sweep_idle(cu);
-		int r = io_uring_submit_and_wait(cu->ring, all ? wait_nr : 0);
+		int r = (cu->ring->flags & IORING_SETUP_SQPOLL)
+				? sqpoll_submit(cu->ring, all ? wait_nr : 0)
+				: io_uring_submit_and_wait(cu->ring, all ? wait_nr : 0);
 		if (r < 0) {
 			errno = -r;
 			return -1;

@@ -139,6 +139,66 @@ Test(uring, deadline_ends_read_on_empty_pipe_through_link_timeout)
 	close(p[1]);
 }
 
+/* An SQ thread that serves several rings (IORING_SETUP_ATTACH_WQ) takes at
+ * most 8 SQEs of a ring per pass, wherever a link chain ends.  Here the read
+ * is the 8th SQE published: a split put the read in one pass, alone, and its
+ * link timeout in the next (-EINVAL), so the deadline never ended the read
+ * (the ring is never entered again: only the link timeout can end it). */
+Test(uring_sqpoll, link_timeout_stays_with_its_op_on_a_shared_sq_thread)
+{
+	struct io_uring first;
+	struct io_uring_params pa = {.flags = IORING_SETUP_SQPOLL};
+	int e = io_uring_queue_init_params(8, &first, &pa);
+	if (e == -EPERM || e == -EINVAL)
+		cr_skip_test("no SQPOLL ring here: %s", strerror(-e));
+	cr_assert_eq(e, 0, "io_uring_queue_init: %s", strerror(-e));
+	struct io_uring_params pb = {.flags = IORING_SETUP_SQPOLL | IORING_SETUP_ATTACH_WQ,
+				     .wq_fd = (unsigned)first.ring_fd};
+	e = io_uring_queue_init_params(16, &ring, &pb);
+	if (e == -EPERM || e == -EINVAL) {
+		io_uring_queue_exit(&first);
+		cr_skip_test("no shared SQ thread here: %s", strerror(-e));
+	}
+	cr_assert_eq(e, 0, "io_uring_queue_init: %s", strerror(-e));
+	cu = ctx_uring_new(&ring);
+	cr_assert_not_null(cu, "ctx_uring_new: %s", strerror(errno));
+	lib_cqes = 0;
+
+	int p[2];
+	cr_assert_eq(pipe2(p, O_CLOEXEC), 0);
+	int64_t t0 = now_ns(); /* the deadline is 50 ms after this, at least */
+	ctx_t *c = ctx_with_timeout(ctx_background(), 50 * CTX_MSEC);
+	for (int i = 0; i < 6; i++) {
+		struct io_uring_sqe *n = io_uring_get_sqe(&ring);
+		io_uring_prep_nop(n);
+		io_uring_sqe_set_data64(n, 100 + (uint64_t)i);
+	}
+	char buf[8];
+	struct io_uring_sqe s = {0};
+	io_uring_prep_read(&s, p[0], buf, sizeof(buf), 0);
+	io_uring_sqe_set_data64(&s, 42);
+	cr_assert_eq(ctx_uring_queue(cu, c, &s), 0); /* poll 7th, read 8th, timeout 9th */
+	cr_assert(ctx_uring_submit(cu, 0) >= 0, "submit: %s", strerror(errno));
+
+	/* Never submit again: only the kernel's link timeout can end the read. */
+	struct ctx_uring_result r[8];
+	int n = reap(r, 8, 7, 2000, false);
+	cr_assert_eq(n, 7, "%d of 7 CQEs: the read did not end at its deadline", n);
+	int k = 0;
+	while (k < 6 && r[k].user_data != 42)
+		k++;
+	cr_assert_eq(r[k].user_data, 42, "the NOPs' CQEs and the read's");
+	cr_assert_geq(now_ns() - t0, 45 * CTX_MSEC);
+	cr_assert_eq(r[k].res, -ETIMEDOUT, "res %d (%s)", r[k].res, strerror(-r[k].res));
+	cr_assert_eq(r[k].ended_by, ETIMEDOUT);
+	cr_assert_eq(ctx_uring_inflight(cu), 0);
+	ring_down();
+	io_uring_queue_exit(&first);
+	ctx_release(c);
+	close(p[0]);
+	close(p[1]);
+}
+
 /* A splice from an empty pipe blocks inside an io-wq worker, where a link
  * timeout does not reach it: the poll on the context's timerfd must. */
 Test(uring, deadline_ends_op_blocked_in_io_wq_through_poll)
