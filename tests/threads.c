@@ -1391,7 +1391,12 @@ Test(threads, a_leaf_registered_during_its_parents_cancel_is_not_done_before_the
 /* A cancel that looked at a deadline context just before its deadline, and
  * claims it just after, while a reader of a child sharing that deadline has
  * looked up the chain (both live) and not yet latched it.  Hooks hold each
- * side in its window, so the interleaving is forced, not hoped for. */
+ * side in its window, so the interleaving is forced, not hoped for.  The
+ * reader's hook also holds the parent's lock until the reader has latched:
+ * otherwise the cancel's walk, which takes that lock right after its claim,
+ * often latches the child first (with the claim's state, as it must), the
+ * reader's latch then finds the child done, and the test could not fail on
+ * a latch that ignores the claim (it passed 15 of 20 runs on one). */
 
 static struct {
 	ctx_t *parent;
@@ -1399,7 +1404,10 @@ static struct {
 	atomic_int canceller_in; /* the cancel has looked (before the deadline) */
 	atomic_int reader_in;  /* the reader is between its look and its latch */
 	atomic_int bad_waits;  /* a hook's bounded wait ran out */
+	atomic_int cancelled;  /* the cancel's return */
 } race;
+
+enum { RACE_CAUSE = 4242 }; /* the cancel's cause; the deadline's is ETIMEDOUT */
 
 static void canceller_checked(struct ctxi_cancel *n)
 {
@@ -1418,8 +1426,12 @@ static void reader_looked(struct ctxi_cancel *c)
 {
 	(void)c;
 	ctxi_latch_hook = NULL;
-	atomic_store(&race.reader_in, 1);
 	struct ctxi_cancel *p = (struct ctxi_cancel *)race.parent;
+	/* Taken before the cancel claims p (it waits for reader_in), so its
+	 * walk cannot reach the child before our latch; the test body lets
+	 * go once the reader is back. */
+	ctxi_lock(&p->lock);
+	atomic_store(&race.reader_in, 1);
 	int64_t end = now_ns() + 5 * CTX_SEC;
 	while (!atomic_load(&p->state)) /* until the cancel's claim */
 		if (now_ns() > end) {
@@ -1431,20 +1443,27 @@ static void reader_looked(struct ctxi_cancel *c)
 static void *cancel_parent(void *arg)
 {
 	(void)arg;
-	ctx_cancel(race.parent);
+	atomic_store(&race.cancelled, ctx_cancel_cause(race.parent, RACE_CAUSE));
 	return NULL;
 }
 
-Test(threads, a_cancel_claiming_a_parent_while_a_child_latches_its_deadline_decides_both)
+/* The race, read from the bottom of `depth` cancellable nodes under the
+ * parent, all sharing its deadline: once both sides are done, every one of
+ * them reports the parent's err and cause. */
+static void race_deadline_and_cancel(int depth)
 {
 	race.parent = ctx_with_timeout(ctx_background(), 500 * CTX_MSEC);
-	ctx_t *child = ctx_with_cancel(race.parent); /* shares the deadline */
+	ctx_t *chain[64];
+	cr_assert(depth >= 1 && depth <= 64);
+	for (int i = 0; i < depth; i++) /* each shares the deadline */
+		chain[i] = ctx_with_cancel(i ? chain[i - 1] : race.parent);
 	struct timespec d;
 	cr_assert(ctx_deadline(race.parent, &d));
 	race.deadline = (int64_t)d.tv_sec * CTX_SEC + d.tv_nsec;
 	atomic_store(&race.canceller_in, 0);
 	atomic_store(&race.reader_in, 0);
 	atomic_store(&race.bad_waits, 0);
+	atomic_store(&race.cancelled, -1);
 	ctxi_cancel_checked_hook = canceller_checked;
 	ctxi_latch_hook = reader_looked;
 	/* The cancel looks before the deadline, then waits in its window. */
@@ -1455,13 +1474,38 @@ Test(threads, a_cancel_claiming_a_parent_while_a_child_latches_its_deadline_deci
 	cr_assert(atomic_load(&race.canceller_in), "the cancel did not look before the deadline");
 	while (now_ns() < race.deadline)
 		sched_yield();
-	int child_err = ctx_err(child);
+	int child_err = ctx_err(chain[depth - 1]);
+	int child_cause = ctx_cause(chain[depth - 1]);
+	/* The reader is back: let the cancel's walk go on. */
+	if (atomic_load(&race.reader_in))
+		ctxi_unlock(&((struct ctxi_cancel *)race.parent)->lock);
 	cr_assert(joined_within(t, 5000));
 	cr_assert_eq(atomic_load(&race.bad_waits), 0, "a hook was not reached");
+	cr_assert_eq(atomic_load(&race.cancelled), 0, "the cancel did not claim the parent");
 	int parent_err = ctx_err(race.parent);
-	cr_assert_eq(child_err, parent_err, "child %d, parent %d", child_err, parent_err);
-	cr_assert_eq(ctx_cause(child), ctx_cause(race.parent));
+	int parent_cause = ctx_cause(race.parent);
+	cr_assert_eq(child_err, parent_err, "child err %d, parent err %d", child_err, parent_err);
+	cr_assert_eq(child_cause, parent_cause, "child cause %d, parent cause %d", child_cause,
+		     parent_cause);
 	cr_assert_eq(parent_err, ECANCELED, "the cancel's claim came first: %d", parent_err);
-	ctx_unref(child);
+	cr_assert_eq(parent_cause, RACE_CAUSE);
+	for (int i = 0; i < depth; i++) {
+		cr_assert_eq(ctx_err(chain[i]), parent_err, "node %d", i);
+		cr_assert_eq(ctx_cause(chain[i]), parent_cause, "node %d", i);
+	}
+	for (int i = depth - 1; i >= 0; i--)
+		ctx_unref(chain[i]);
 	ctx_unref(race.parent);
+}
+
+Test(threads, a_cancel_claiming_a_parent_while_a_child_latches_its_deadline_decides_both)
+{
+	race_deadline_and_cancel(1);
+}
+
+/* Longer than lib/tree.c's LATCH_RING (32): the reader latches it in more
+ * than one round, the cancel's state passed down through all of them. */
+Test(threads, a_cancel_claiming_a_parent_while_a_long_chain_latches_its_deadline_decides_all)
+{
+	race_deadline_and_cancel(40);
 }
