@@ -83,9 +83,9 @@ static int poll_ctx(ctx_t *ctx, struct pollfd *p, nfds_t n, int64_t until, bool 
 	 * no fd for a context that can be done (ctx_connect out of fds):
 	 * wait without it, in slices. */
 	struct ctxi_cancel *a = ctxi_anchor(ctx);
+	int64_t deadline = a && a->base.kind == CTXI_TIMED ? ((struct ctxi_timed *)a)->deadline
+							   : CTXI_NEVER;
 	bool shared = p[n].fd < 0 && a;
-	int64_t deadline = shared && a->base.kind == CTXI_TIMED ? ((struct ctxi_timed *)a)->deadline
-								 : CTXI_NEVER;
 	*done = false;
 	for (;;) {
 		int64_t end = until;
@@ -113,8 +113,6 @@ static int poll_ctx(ctx_t *ctx, struct pollfd *p, nfds_t n, int64_t until, bool 
 				shared = true;
 				p[n].fd = -1;
 				p[n].revents = 0;
-				if (a && a->base.kind == CTXI_TIMED)
-					deadline = ((struct ctxi_timed *)a)->deadline;
 			}
 		}
 		if (ctxi_now() >= until)
