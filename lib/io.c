@@ -364,24 +364,14 @@ int ctx_accept(ctx_t *ctx, int fd, struct sockaddr *addr, socklen_t *addrlen, in
 	}
 }
 
-/* The context's poll entry for a connect that has to wait.  The connect is
- * under way by then, and failing for want of an fd would leave it half
- * done: out of fds, the entry is -1 and poll_ctx() waits without it. */
-static int connect_cfd(ctx_t *ctx, int *cfd)
-{
-	if (*cfd == -2) {
-		*cfd = ctx_fd(ctx);
-		if (*cfd < 0)
-			*cfd = -1;
-	}
-	return *cfd;
-}
-
 /* The connect itself, on a socket that is non-blocking now.  It is tried
- * before the context's fd exists, so one that completes at once needs none. */
+ * before the context's fd exists, so one that completes at once needs none.
+ * One that has to wait is under way, and failing for want of an fd would
+ * leave it half done: out of fds, ctx_fd()'s -1 goes in the poll set and
+ * poll_ctx() waits without it. */
 static int connect_nb(ctx_t *ctx, int fd, const struct sockaddr *addr, socklen_t addrlen)
 {
-	int err, cfd = -2;
+	int err;
 	bool retried = false;
 	int64_t backoff = CTX_MSEC;
 	for (;;) {
@@ -401,15 +391,14 @@ static int connect_nb(ctx_t *ctx, int fd, const struct sockaddr *addr, socklen_t
 		 * would wait for room, but poll cannot tell when there is some
 		 * (an unconnected socket polls writable), so retry with a backoff
 		 * spent waiting on the context. */
-		struct pollfd p = {.fd = connect_cfd(ctx, &cfd), .events = POLLIN};
+		struct pollfd p = {.fd = ctx_fd(ctx), .events = POLLIN};
 		bool done;
 		if (poll_ctx(ctx, &p, 0, ctxi_now() + backoff, &done) < 0)
 			return -1;
 		if (backoff < 64 * CTX_MSEC)
 			backoff *= 2;
 	}
-	struct pollfd p[2] = {{.fd = fd, .events = POLLOUT},
-			      {.fd = connect_cfd(ctx, &cfd), .events = POLLIN}};
+	struct pollfd p[2] = {{.fd = fd, .events = POLLOUT}, {.fd = ctx_fd(ctx), .events = POLLIN}};
 	bool done;
 	if (poll_ctx(ctx, p, 1, CTXI_NEVER, &done) < 0)
 		return -1;
